@@ -1,0 +1,1 @@
+"""lipserve core library (never imports Ray)."""

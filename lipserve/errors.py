@@ -1,0 +1,167 @@
+"""Every failure a user can cause, as a named error with an HTTP status and a stable code.
+
+The ingress turns these into `{"error": {"code", "message", "request_id"}}` with `status`.
+Codes are part of the API: never rename one.
+"""
+from __future__ import annotations
+
+
+class LipserveError(Exception):
+    """Base of all lipserve errors. Unknown exceptions map to 500 `internal`."""
+
+    status: int = 500
+    code: str = "internal"
+    retry_after: int | None = None  # seconds, sent as Retry-After on 503
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self, request_id: str | None = None) -> dict:
+        body = {"code": self.code, "message": self.message, "request_id": request_id}
+        if self.field:
+            body["field"] = self.field
+        return {"error": body}
+
+
+# 400 — the request itself is wrong
+class BadRequest(LipserveError):
+    status, code = 400, "bad_request"
+
+
+class InvalidField(BadRequest):
+    code = "invalid_field"
+
+
+class EmptyText(BadRequest):
+    code = "empty_text"
+
+
+class UnsupportedLanguage(BadRequest):
+    code = "unsupported_language"
+
+
+class InvalidURI(BadRequest):
+    code = "invalid_uri"
+
+
+# 401 / 403 — who may do what
+class Unauthorized(LipserveError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(LipserveError):
+    status, code = 403, "forbidden"
+
+
+class BucketNotAllowed(Forbidden):
+    code = "bucket_not_allowed"
+
+
+class PathEscape(Forbidden):
+    code = "path_outside_root"
+
+
+# 404 / 409
+class SourceNotFound(LipserveError):
+    status, code = 404, "source_not_found"
+
+
+class OutputExists(LipserveError):
+    status, code = 409, "output_exists"
+
+
+# 413 — over a configured limit
+class TooLarge(LipserveError):
+    status, code = 413, "too_large"
+
+
+class InputTooLarge(TooLarge):
+    code = "input_too_large"
+
+
+class VideoTooLong(TooLarge):
+    code = "video_too_long"
+
+
+class ResolutionTooLarge(TooLarge):
+    code = "resolution_too_large"
+
+
+class TextTooLong(TooLarge):
+    code = "text_too_long"
+
+
+# 422 — the content cannot be used
+class Unprocessable(LipserveError):
+    status, code = 422, "unprocessable"
+
+
+class InvalidMedia(Unprocessable):
+    code = "invalid_video"
+
+
+class InvalidAudio(Unprocessable):
+    code = "invalid_audio"
+
+
+class NoFaceFound(Unprocessable):
+    code = "no_face_found"
+
+
+class NoVoiceFound(Unprocessable):
+    code = "no_voice_found"
+
+
+# 502 — a backend we depend on failed
+class BackendError(LipserveError):
+    status, code = 502, "backend_error"
+
+
+class StorageUnavailable(BackendError):
+    code = "storage_unavailable"
+
+
+class TTSUnavailable(BackendError):
+    code = "tts_unavailable"
+
+
+# 503 — try again later
+class Unavailable(LipserveError):
+    status, code = 503, "unavailable"
+    retry_after = 5
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+
+class ModelNotLoaded(Unavailable):
+    code = "model_not_loaded"
+
+
+class WeightsMissing(Unavailable):
+    """Checkpoint files absent and synthetic weights not allowed. Operator's fault, not the caller's."""
+
+    code = "weights_missing"
+    retry_after = 60
+
+
+# 504 / 500
+class Timeout(LipserveError):
+    status, code = 504, "timeout"
+
+
+class InternalError(LipserveError):
+    status, code = 500, "internal"
+
+
+def all_error_classes() -> list[type[LipserveError]]:
+    """Every concrete error class (for docs and tests)."""
+    seen, stack = [], [LipserveError]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen

@@ -1,0 +1,1 @@
+"""Checkpoint formats, the synthetic-weight rule, the manifest and fetch/verify."""

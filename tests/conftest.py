@@ -1,0 +1,18 @@
+"""Shared test set-up. Fixtures live in tests/fixtures/*, one module per area."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "tests" / "reference"
+sys.path.insert(0, str(ROOT))
+
+# Tests never reach the internet; keep torch from oversubscribing the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE
