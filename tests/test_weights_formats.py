@@ -1,0 +1,94 @@
+"""The synthetic-weight rule and the official checkpoint layouts (read/write/check)."""
+import numpy as np
+import pytest
+import torch
+
+from lipserve.errors import WeightsMissing
+from lipserve.weights.formats import CheckpointFormatError, check_keys, read_checkpoint, write_checkpoint
+from lipserve.weights.resolve import load_weights
+from lipserve.weights.synthetic import key_uniforms, synthetic_state_dict, synthetic_value
+
+
+def test_uniforms_are_deterministic_in_range_and_key_dependent():
+    a = key_uniforms("layer.weight", 10000)
+    assert np.array_equal(a, key_uniforms("layer.weight", 10000))
+    assert a.min() >= -1 and a.max() < 1 and abs(a.mean()) < 0.05
+    assert not np.array_equal(a[:100], key_uniforms("layer.bias", 100))
+    # element i does not depend on how many are drawn
+    assert np.array_equal(a[:7], key_uniforms("layer.weight", 7))
+
+
+def test_rule_branches():
+    assert synthetic_value("bn.num_batches_tracked", ()).dtype == np.int64
+    assert np.all(synthetic_value("bn.running_mean", (4,)) == 0)
+    assert np.all(synthetic_value("bn.running_var", (4,)) == 1)
+    g = synthetic_value("conv.weight_g", (8, 1, 1))
+    assert np.allclose(g, 1 + 0.1 * key_uniforms("conv.weight_g", 8).reshape(8, 1, 1))
+    scale = synthetic_value("norm.weight", (16,))
+    assert np.all(np.abs(scale - 1) <= 0.1)
+    bias = synthetic_value("conv.bias", (16,))
+    assert np.all(np.abs(bias) <= 0.1)
+    w = synthetic_value("conv.weight", (32, 3, 3, 3))
+    assert w.dtype == np.float32 and np.abs(w).max() <= np.sqrt(3 / 27) + 1e-6
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, width, 3)
+        self.bn = torch.nn.BatchNorm1d(width)
+
+
+@pytest.mark.parametrize("kind", ["wav2lip", "s3fd", "freevc", "speaker_encoder", "wavlm"])
+def test_write_then_read_round_trip(tmp_path, kind):
+    state = synthetic_state_dict({k: tuple(v.shape) for k, v in Tiny().state_dict().items()})
+    path = write_checkpoint(tmp_path / f"{kind}.pt", kind, state, cfg={"encoder_layers": 1} if kind == "wavlm" else None)
+    raw = torch.load(path, weights_only=True)
+    if kind == "wav2lip":
+        assert set(raw) == {"state_dict", "optimizer", "global_step", "global_epoch"}
+        assert all(k.startswith("module.") for k in raw["state_dict"])
+    loaded = read_checkpoint(path, kind)
+    assert set(loaded.state_dict) == set(state)
+    assert all(torch.equal(loaded.state_dict[k], state[k]) for k in state)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_read_rejects_wrong_layout_and_garbage(tmp_path):
+    bad = tmp_path / "freevc.pth"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(CheckpointFormatError, match="lack"):
+        read_checkpoint(bad, "freevc")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointFormatError, match="junk.pth"):
+        read_checkpoint(junk, "s3fd")
+
+
+def test_check_keys_names_the_difference():
+    expected = {"a.weight": (2, 2), "a.bias": (2,)}
+    with pytest.raises(CheckpointFormatError) as exc:
+        check_keys({"a.weight": torch.zeros(2, 2), "b.bias": torch.zeros(2)}, expected, where="x.pth")
+    msg = str(exc.value)
+    assert "a.bias" in msg and "b.bias" in msg and "x.pth" in msg
+    with pytest.raises(CheckpointFormatError, match="wrong shape"):
+        check_keys({"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(2)}, expected, where="x.pth")
+
+
+def test_load_weights_missing_file_names_file_and_fetch_command(tmp_path):
+    with pytest.raises(WeightsMissing) as exc:
+        load_weights(Tiny(), kind="s3fd", filename="s3fd.pth", weights_dir=tmp_path, allow_synthetic=False, what="face detector")
+    assert "s3fd.pth" in exc.value.message and "lipserve weights fetch" in exc.value.message
+
+
+def test_load_weights_synthetic_and_from_file(tmp_path):
+    synth_model = Tiny()
+    synthetic, _ = load_weights(synth_model, kind="freevc", filename="freevc.pth", weights_dir=tmp_path, allow_synthetic=True, what="t")
+    assert synthetic is True
+    write_checkpoint(tmp_path / "freevc.pth", "freevc", synth_model.state_dict())
+    file_model = Tiny()
+    synthetic, ckpt = load_weights(file_model, kind="freevc", filename="freevc.pth", weights_dir=tmp_path, allow_synthetic=False, what="t")
+    assert synthetic is False and ckpt.extra["iteration"] == 0
+    assert torch.equal(file_model.conv.weight, synth_model.conv.weight)
+    write_checkpoint(tmp_path / "freevc.pth", "freevc", Tiny(width=5).state_dict())
+    with pytest.raises(CheckpointFormatError, match="wrong shape"):
+        load_weights(Tiny(), kind="freevc", filename="freevc.pth", weights_dir=tmp_path, allow_synthetic=False, what="t")
