@@ -16,3 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE
+
+pytest_plugins = [
+    "tests.fixtures.gcs",
+    "tests.fixtures.http_files",
+    "tests.fixtures.media",
+    "tests.fixtures.tts",
+]

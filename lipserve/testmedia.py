@@ -1,0 +1,274 @@
+"""Deterministic test clips built from a real face photo (scikit-image's astronaut).
+
+Used by tests, `make demo` and benchmarks. Every clip is rendered from a pure
+function of time, so tests can ask where the face is (`face_box_at`) or what a
+frame should look like (`render_frame`) at any instant, including the instants
+of a variable-frame-rate clip.
+
+Sizes are (width, height) of the upright picture, as a viewer sees it.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lipserve.media import _write_mp4
+
+SEED = 1234
+AUDIO_RATE = 44100  # like a phone's AAC track, so readers must resample to 16 kHz
+
+# A square crop of the 512x512 astronaut photo around her head and shoulders, and
+# the face inside it: OpenCV's frontal Haar cascade finds the face at x=177, y=66,
+# 95x95 in the full photo, i.e. at (97, 66)-(192, 161) in this crop.
+_CROP_X, _CROP_Y, _CROP_SIDE = 80, 0, 288
+FACE_IN_CROP = (97, 66, 192, 161)
+
+
+@lru_cache(maxsize=1)
+def _portrait() -> np.ndarray:
+    from skimage import data
+
+    photo = data.astronaut()  # 512x512 RGB, ships with scikit-image
+    return np.ascontiguousarray(photo[_CROP_Y : _CROP_Y + _CROP_SIDE, _CROP_X : _CROP_X + _CROP_SIDE])
+
+
+@lru_cache(maxsize=8)
+def _background(width: int, height: int) -> np.ndarray:
+    """A soft two-colour gradient with fixed grain, so the encoder has texture to code."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xs / max(1, width - 1), ys / max(1, height - 1)
+    image = np.stack([60 + 90 * u, 80 + 60 * v, 120 + 50 * (1 - u)], axis=-1)
+    grain = np.random.default_rng(SEED).normal(0, 4, size=(height, width, 1))
+    return np.clip(image + grain, 0, 255).astype(np.uint8)
+
+
+def _placement(t: float, size: tuple[int, int], motion: bool) -> tuple[int, int, int]:
+    """(x, y, side) of the portrait square at time t; the square always stays inside the frame."""
+    width, height = size
+    short = min(width, height)
+    if motion:
+        side = int(round(short * (0.78 + 0.12 * math.sin(2 * math.pi * t / 5.0))))
+        fx = 0.5 + 0.45 * math.sin(2 * math.pi * t / 8.0)
+        fy = 0.5 + 0.45 * math.cos(2 * math.pi * t / 6.0)
+    else:
+        side, fx, fy = int(round(short * 0.85)), 0.5, 0.5
+    x = int(round((width - side) * fx))
+    y = int(round((height - side) * fy))
+    return x, y, side
+
+
+def face_box_at(t: float, size: tuple[int, int] = (640, 360), motion: bool = True) -> tuple[int, int, int, int]:
+    """Ground-truth face box (x1, y1, x2, y2) in upright display pixels at time t seconds."""
+    x, y, side = _placement(t, size, motion)
+    scale = side / _CROP_SIDE
+    x1, y1, x2, y2 = FACE_IN_CROP
+    return (
+        int(round(x + x1 * scale)),
+        int(round(y + y1 * scale)),
+        int(round(x + x2 * scale)),
+        int(round(y + y2 * scale)),
+    )
+
+
+def face_box_truth(
+    index: int, fps: float = 25, size: tuple[int, int] = (640, 360), motion: bool = True
+) -> tuple[int, int, int, int]:
+    """Ground-truth face box in frame `index` of a constant-rate clip (upright pixels)."""
+    return face_box_at(index / fps, size, motion)
+
+
+def render_frame(t: float, size: tuple[int, int] = (640, 360), motion: bool = True) -> np.ndarray:
+    """The upright RGB picture at time t: the astronaut portrait moved and scaled over a gradient."""
+    width, height = size
+    frame = _background(width, height).copy()
+    x, y, side = _placement(t, size, motion)
+    portrait = cv2.resize(_portrait(), (side, side), interpolation=cv2.INTER_AREA)
+    frame[y : y + side, x : x + side] = portrait
+    return frame
+
+
+def _noface_frame(t: float, size: tuple[int, int]) -> np.ndarray:
+    """Drifting smooth colour noise over a gradient: texture but nothing face-like."""
+    width, height = size
+    rng = np.random.default_rng(SEED + 1)
+    blobs = rng.uniform(0, 255, size=(9, 16, 3)).astype(np.float32)
+    smooth = cv2.resize(blobs, (width + 64, height), interpolation=cv2.INTER_CUBIC)
+    shift = int(t * 20) % 64
+    layer = smooth[:, shift : shift + width]
+    base = _background(width, height).astype(np.float32)
+    return np.clip(0.5 * base + 0.5 * layer, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- audio
+
+
+def tone(seconds: float, sample_rate: int = AUDIO_RATE, frequency: float = 440.0, level: float = 0.3) -> np.ndarray:
+    t = np.arange(int(round(seconds * sample_rate))) / sample_rate
+    return (level * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def speechlike(seconds: float, sample_rate: int = AUDIO_RATE, seed: int = SEED) -> np.ndarray:
+    """A voiced, speech-shaped signal: a gliding ~120 Hz glottal source with formant-shaped
+    harmonics, cut into 4-6 Hz syllables grouped into words with short pauses.
+
+    Voiced on purpose: silence trimmers and voice-activity checks keep it, as they would speech.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sample_rate))
+    t = np.arange(n) / sample_rate
+    f0 = 120 + 18 * np.sin(2 * np.pi * 0.7 * t) + 6 * np.sin(2 * np.pi * 5.3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    # Formants drift slowly so the spectrum changes like vowels do.
+    formants = [(600 + 200 * np.sin(2 * np.pi * 1.3 * t), 120), (1500 + 400 * np.sin(2 * np.pi * 0.9 * t + 1), 180),
+                (2600, 250)]
+    voiced = np.zeros(n)
+    for k in range(1, 40):
+        freq = k * f0
+        if np.all(freq > sample_rate / 2 - 200):
+            break
+        gain = sum(np.exp(-0.5 * ((freq - fc) / bw) ** 2) for fc, bw in formants) + 0.05 / k
+        gain = np.where(freq < sample_rate / 2 - 200, gain, 0.0)
+        voiced += gain * np.sin(k * phase)
+    # Syllable envelope: words of 2-4 syllables (0.14-0.26 s each), pauses of 0.12-0.3 s.
+    envelope = np.zeros(n)
+    pos = int(0.15 * sample_rate)
+    while pos < n:
+        for _ in range(rng.integers(2, 5)):
+            length = int(rng.uniform(0.14, 0.26) * sample_rate)
+            end = min(n, pos + length)
+            envelope[pos:end] = np.sin(np.pi * np.arange(end - pos) / length) ** 0.7 * rng.uniform(0.6, 1.0)
+            pos = end
+        pos += int(rng.uniform(0.12, 0.3) * sample_rate)
+    signal = voiced * envelope + rng.normal(0, 1e-3, n)
+    return (0.5 * signal / np.max(np.abs(signal))).astype(np.float32)
+
+
+def _audio_track(kind: str | None, seconds: float, sample_rate: int) -> np.ndarray | None:
+    if kind is None:
+        return None
+    if kind == "tone":
+        return tone(seconds, sample_rate)
+    if kind == "speechlike":
+        return speechlike(seconds, sample_rate)
+    raise ValueError(f"audio must be 'tone', 'speechlike' or None, not {kind!r}")
+
+
+# ---------------------------------------------------------------- clips
+
+
+def _vfr_times(seconds: float, fps: float, seed: int = SEED) -> list[float]:
+    """Irregular frame instants averaging about `fps`: gaps of 0.5, 1 or 1.5 nominal frames.
+
+    The last frame sits one nominal frame before the end, so the clip lasts `seconds`.
+    """
+    rng = np.random.default_rng(seed)
+    last = seconds - 1.0 / fps
+    times, t = [], 0.0
+    while t < last - 0.25 / fps:
+        times.append(t)
+        t += rng.choice([0.5, 1.0, 1.5]) / fps
+    times.append(last)
+    return times
+
+
+def _clip(render, seconds, fps, audio, rotate, vfr, index_first=True) -> bytes:
+    if rotate not in (0, 90, 180, 270):
+        raise ValueError("rotate must be 0, 90, 180 or 270")
+    times = _vfr_times(seconds, fps) if vfr else [i / fps for i in range(max(1, round(seconds * fps)))]
+    # Stored picture = upright picture turned counter-clockwise by `rotate`; the tag tells
+    # players to turn it back clockwise, as phones do for portrait video.
+    frames = (np.rot90(render(t), k=rotate // 90) for t in times)
+    track = _audio_track(audio, seconds, AUDIO_RATE)
+    return _write_mp4(
+        frames,
+        fps,
+        track,
+        AUDIO_RATE,
+        crf=20,
+        frame_times=times if vfr else None,
+        display_rotation=rotate,
+        index_first=index_first,
+    )
+
+
+def astronaut_clip(
+    seconds: float = 10.0,
+    fps: float = 25,
+    size: tuple[int, int] = (640, 360),
+    audio: str | None = "speechlike",
+    motion: bool = True,
+    rotate: int = 0,
+    vfr: bool = False,
+    index_first: bool = True,
+) -> bytes:
+    """An mp4 of the astronaut's face moving and scaling over time (H.264 + AAC 44.1 kHz).
+
+    size is the upright (width, height); `rotate` stores the picture turned and tags it
+    with that clockwise display rotation (90 → a phone's portrait video). `vfr` gives
+    irregular frame times averaging `fps`. `index_first=False` leaves the moov box at the end
+    (as cameras write it; a truncated copy then has no index at all). The face's box at
+    time t is `face_box_at(t, size, motion)`.
+    """
+    return _clip(lambda t: render_frame(t, size, motion), seconds, fps, audio, rotate, vfr, index_first)
+
+
+def noface_clip(
+    seconds: float = 2.0, fps: float = 25, size: tuple[int, int] = (640, 360), audio: str | None = "speechlike"
+) -> bytes:
+    """A valid video with texture and motion but no face anywhere."""
+    return _clip(lambda t: _noface_frame(t, size), seconds, fps, audio, 0, False)
+
+
+def truncated(data: bytes, keep: float = 0.5) -> bytes:
+    """The first `keep` share of a file, as an interrupted upload leaves it."""
+    return data[: int(len(data) * keep)]
+
+
+def write_demo_clip(path: str | Path, seconds: float = 10.0, **options) -> Path:
+    """Write an astronaut clip to `path` (for the demo and manual checks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(astronaut_clip(seconds=seconds, **options))
+    return path
+
+
+def browser_webm_clip(
+    seconds: float = 1.5, fps: float = 30, size: tuple[int, int] = (320, 180), audio: str | None = "speechlike"
+) -> bytes:
+    """A WebM like a browser's MediaRecorder writes: VP8 + Opus, written live, so it states
+    no duration and has no index (readers must find the length from the packets)."""
+    import io
+
+    import av
+
+    width, height = size
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm", options={"live": "1"}) as container:
+        video = container.add_stream("libvpx", rate=int(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "1M"}
+        track = _audio_track(audio, seconds, 48000)
+        sound = None
+        if track is not None:
+            sound = container.add_stream("libopus", rate=48000)
+            sound.layout = "mono"
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(render_frame(i / fps, size), format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+        if sound is not None:
+            for at in range(0, len(track), 960):  # Opus codes 20 ms frames
+                frame = av.AudioFrame.from_ndarray(track[None, at : at + 960], format="flt", layout="mono")
+                frame.sample_rate, frame.pts = 48000, at
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+            for packet in sound.encode(None):
+                container.mux(packet)
+    return buffer.getvalue()
