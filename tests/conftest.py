@@ -22,4 +22,5 @@ pytest_plugins = [
     "tests.fixtures.http_files",
     "tests.fixtures.media",
     "tests.fixtures.tts",
+    "tests.fixtures.lipsync_networks",
 ]

@@ -1,0 +1,1 @@
+"""The networks, one module each; state_dict keys equal the official checkpoints' (no I/O here)."""
