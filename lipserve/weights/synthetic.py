@@ -65,6 +65,9 @@ def synthetic_state_dict(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tor
 
 def fill_synthetic(module: torch.nn.Module) -> torch.nn.Module:
     """Give `module` the synthetic weights for its own keys (strict)."""
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    module.load_state_dict(synthetic_state_dict(shapes), strict=True)
+    # one tensor at a time, in place: a whole synthetic state_dict of WavLM-Large would
+    # double peak memory (state_dict() tensors share storage with the parameters)
+    with torch.no_grad():
+        for key, tensor in module.state_dict().items():
+            tensor.copy_(torch.from_numpy(synthetic_value(key, tuple(tensor.shape))))
     return module
