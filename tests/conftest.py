@@ -23,4 +23,6 @@ pytest_plugins = [
     "tests.fixtures.media",
     "tests.fixtures.tts",
     "tests.fixtures.lipsync_networks",
+    "tests.fixtures.voice_encoders",
+    "tests.fixtures.voice",
 ]

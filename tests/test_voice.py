@@ -1,0 +1,201 @@
+"""The voice stage end to end: reference extraction, VoiceConverter on synthetic weights, the speaker cache."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import torch
+
+from lipserve import testmedia
+from lipserve.errors import InvalidAudio, NoVoiceFound
+from lipserve.settings import Settings
+from lipserve.voice import VoiceConverter, VoiceResult, prepare_reference, reference_from_audio, reference_from_video
+
+
+def converter_settings(weights_dir, variant: str, **overrides) -> Settings:
+    return Settings(weights_dir=weights_dir, device="cpu", allow_synthetic_weights=True, freevc_variant=variant,
+                    **overrides)
+
+
+@pytest.fixture(scope="module")
+def converters(voice_small_wavlm_dir) -> dict[str, VoiceConverter]:
+    """One converter per variant: the small 1024-wide WavLM from its official-format file, the rest synthetic."""
+    return {v: VoiceConverter(converter_settings(voice_small_wavlm_dir, v)) for v in ("freevc", "freevc-s", "freevc-24")}
+
+
+# -- reference voice ---------------------------------------------------------------------------
+
+
+def test_video_without_audio_track_is_no_voice_found(silent_video):
+    with pytest.raises(NoVoiceFound) as info:
+        reference_from_video(silent_video)
+    assert info.value.status == 422 and info.value.code == "no_voice_found"
+    assert "no audio track" in info.value.message and "options.reference_audio" in info.value.message
+
+
+def test_video_with_a_silent_audio_track_is_no_voice_found():
+    from lipserve import media
+
+    frames = np.full((10, 64, 64, 3), 128, np.uint8)
+    video = media.encode_mp4(frames, 10.0, np.zeros(16000, np.float32), 16000)
+    with pytest.raises(NoVoiceFound, match="No voiced speech found in the video") as info:
+        reference_from_video(video)
+    assert "options.reference_audio" in info.value.message
+
+
+@pytest.mark.parametrize("what, wav", [
+    ("digital silence", np.zeros(48000, np.float32)),
+    ("near silence", testmedia.tone(3.0, 16000, level=1e-4)),
+    ("white noise", np.random.default_rng(0).uniform(-0.3, 0.3, 48000).astype(np.float32)),
+    ("a click", np.pad(np.ones(80, np.float32) * 0.5, (24000, 24000))),
+])
+def test_reference_without_voiced_speech_is_no_voice_found(what, wav):
+    with pytest.raises(NoVoiceFound, match="No voiced speech") as info:
+        prepare_reference(wav, "video")
+    assert "options.reference_audio" in info.value.message, what
+
+
+def test_reference_from_video_is_trimmed_16k_speech(astronaut_still):
+    from lipserve import media
+
+    raw = media.read_audio(astronaut_still, 16000)
+    ref = reference_from_video(astronaut_still)
+    assert ref.dtype == np.float32 and ref.ndim == 1
+    # the track starts with 0.15 s of near silence, which the top_db=20 trim (mostly) removes
+    assert 2.0 * 16000 < ref.size < raw.size - 1000
+    assert np.abs(ref[:1600]).max() > 10 * np.abs(raw[:1600]).max()
+
+
+def test_reference_from_separate_audio_file(reference_3s):
+    buf = io.BytesIO()
+    scipy.io.wavfile.write(buf, 22050, testmedia.speechlike(3.0, 22050, seed=12))
+    ref = reference_from_audio(buf.getvalue())
+    assert abs(ref.size / 16000 - 3.0) < 0.5  # resampled to 16 kHz, trimmed
+    silent = io.BytesIO()
+    scipy.io.wavfile.write(silent, 16000, np.zeros(32000, np.float32))
+    with pytest.raises(NoVoiceFound, match="reference audio"):
+        reference_from_audio(silent.getvalue())
+
+
+# -- conversion --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, rate", [("freevc", 16000), ("freevc-s", 16000), ("freevc-24", 24000)])
+def test_convert_2s_with_3s_reference(converters, variant, rate, speech_2s, reference_3s):
+    vc = converters[variant]
+    result = vc.convert(speech_2s, 16000, prepare_reference(reference_3s, "test"))
+    assert isinstance(result, VoiceResult)
+    assert result.sample_rate == rate and result.synthetic_weights is True
+    hop = 320 if rate == 16000 else 480
+    assert abs(result.audio.size - 2.0 * rate) <= hop
+    assert result.audio.size == 2 * rate  # we make it exact
+    assert result.audio.dtype == np.float32 and np.isfinite(result.audio).all()
+    assert np.abs(result.audio).max() <= 1.0 and result.audio.std() > 1e-3
+    assert {"wavlm", "speaker_embedding", "synthesis"} <= set(result.timings)
+
+
+def test_speech_at_another_rate_is_resampled(converters, reference_3s):
+    speech = testmedia.speechlike(1.0, 22050, seed=5)  # piper's rate
+    result = converters["freevc"].convert(speech, 22050, reference_3s)
+    assert result.audio.size == 16000
+
+
+def test_speaker_cache_hit_skips_the_encoder(converters, speech_2s):
+    vc = converters["freevc"]
+    reference = testmedia.speechlike(3.0, 16000, seed=99)
+    first = vc.convert(speech_2s, 16000, reference)
+    computed = vc.speaker_embeddings_computed
+    second = vc.convert(speech_2s, 16000, reference.copy())  # same content, a new array
+    assert not first.speaker_cached and second.speaker_cached
+    assert vc.speaker_embeddings_computed == computed  # the speaker encoder did not run
+    assert np.array_equal(first.audio, second.audio)
+    assert vc.describe()["speaker_cache"]["hits"] >= 1
+
+
+@pytest.mark.parametrize("variant", ["freevc", "freevc-s"])
+def test_speaker_cache_is_keyed_by_the_reference_content(converters, variant, reference_3s):
+    vc = converters[variant]
+    tone = testmedia.tone(2.0, 16000, frequency=180.0)
+    a, cached_a = vc.speaker_vector(reference_3s)
+    computed = vc.speaker_embeddings_computed
+    b, cached_b = vc.speaker_vector(reference_3s.copy())
+    c, cached_c = vc.speaker_vector(tone)
+    assert cached_b and not cached_c and np.array_equal(a, b)
+    assert vc.speaker_embeddings_computed == computed + 1
+    assert a.shape == (256,) and np.abs(a - c).max() > 1e-4  # another voice, another vector
+
+
+def test_deterministic_is_repeatable_random_is_not(converters, reference_3s):
+    vc = converters["freevc"]
+    speech = testmedia.speechlike(1.0, 16000, seed=3)
+    a = vc.convert(speech, 16000, reference_3s, deterministic=True).audio
+    b = vc.convert(speech, 16000, reference_3s, deterministic=True).audio
+    c = vc.convert(speech, 16000, reference_3s, deterministic=False).audio
+    d = vc.convert(speech, 16000, reference_3s, deterministic=False).audio
+    assert np.array_equal(a, b)
+    assert np.abs(c - d).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+
+
+def test_speech_too_short_or_empty_is_invalid_audio(converters, reference_3s):
+    with pytest.raises(InvalidAudio, match="at least 25 ms"):
+        converters["freevc"].convert(np.zeros(200, np.float32), 16000, reference_3s)
+    with pytest.raises(InvalidAudio, match="empty"):
+        converters["freevc"].convert(np.zeros(0, np.float32), 16000, reference_3s)
+
+
+def test_describe(converters):
+    info = converters["freevc-24"].describe()
+    assert info["variant"] == "freevc-24" and info["sample_rate"] == 24000
+    assert info["device"] == "cpu" and info["precision"] == "fp32" and info["synthetic_weights"] is True
+
+
+def test_long_speech_is_converted_in_wavlm_windows(converters, reference_3s):
+    # the default window is 30 s; a small one exercises the same path on 4 s of speech
+    vc = converters["freevc"]
+    speech = testmedia.speechlike(4.0, 16000, seed=7)
+    whole = vc.content(speech)
+    vc.wavlm_chunk_frames, vc.wavlm_context_frames = 60, 20
+    try:
+        windowed = vc.content(speech)
+        result = vc.convert(speech, 16000, reference_3s)
+    finally:
+        vc.wavlm_chunk_frames, vc.wavlm_context_frames = 1000, 250
+    assert windowed.shape == whole.shape == (1, 1024, 199)
+    # the windowed path really ran (the Transformer saw less context), and the conv front end lines up
+    assert not torch.equal(windowed, whole) and torch.isfinite(windowed).all()
+    assert result.audio.size == speech.size and np.isfinite(result.audio).all()
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_real_wavlm_large_architecture(tmp_path, speech_2s, reference_3s):
+    # nothing in the weights dir: WavLM-Large (24 layers, 315 M), SynthesizerTrn and the speaker
+    # encoder all on synthetic weights, as a server started with allow_synthetic_weights runs
+    vc = VoiceConverter(converter_settings(tmp_path, "freevc"))
+    assert sum(p.numel() for p in vc.wavlm.parameters()) == 315_453_120
+    result = vc.convert(speech_2s, 16000, reference_3s)
+    assert result.audio.size == 32000 and result.synthetic_weights and np.isfinite(result.audio).all()
+    with torch.inference_mode():
+        assert vc.content(speech_2s).shape == (1, 1024, 99)
+
+
+@pytest.mark.slow
+def test_reduced_precision_is_checked_against_fp32(converters, monkeypatch):
+    # CPU autocast with bf16 stands in for CUDA fp16/bf16: same code path, the check compares to fp32
+    import lipserve.voice.converter as converter_mod
+
+    vc = converters["freevc"]
+    try:
+        vc.autocast = torch.bfloat16
+        gap = vc.autocast_gap(seconds=0.5)
+        assert 0 < gap < 0.1
+        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_ABS_DIFF", gap * 10)
+        vc._check_autocast(keep_anyway=False, gap=gap)
+        assert vc.autocast is torch.bfloat16  # close enough: kept
+        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_ABS_DIFF", gap / 10)
+        vc.autocast = torch.bfloat16
+        vc._check_autocast(keep_anyway=False, gap=gap)
+        assert vc.autocast is None and vc.precision_gap > 0  # too far from fp32: back to fp32
+    finally:
+        vc.autocast, vc.precision_gap = None, None
