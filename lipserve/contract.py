@@ -55,6 +55,7 @@ class LipVideoResponse(BaseModel):
     synthetic_weights: bool = Field(description="True when any model ran on synthetic weights: output NOT meaningful")
     cache: dict[str, bool] = Field(default_factory=dict, description="which per-video work was reused (face_boxes, speaker_embedding)")
     warnings: list[str] = Field(default_factory=list)
+    stage_spans: dict[str, list[float]] = Field(default_factory=dict, description="stage -> [start, end] unix seconds, measured where the stage ran")
 
 
 def parse_request(payload: dict) -> LipVideoRequest:

@@ -20,9 +20,10 @@ def reference_dir() -> Path:
 pytest_plugins = [
     "tests.fixtures.gcs",
     "tests.fixtures.http_files",
-    "tests.fixtures.media",
-    "tests.fixtures.tts",
     "tests.fixtures.lipsync_networks",
+    "tests.fixtures.media",
     "tests.fixtures.voice_encoders",
+    "tests.fixtures.tts",
     "tests.fixtures.voice",
+    "tests.fixtures.ray",
 ]

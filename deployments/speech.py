@@ -1,0 +1,35 @@
+"""Text-to-speech stage (CPU): wraps lipserve.tts.SpeechSynthesizer."""
+from __future__ import annotations
+
+from ray import serve
+
+from lipserve.pipeline import StageOutput
+
+from .common import StageReplica
+
+
+@serve.deployment(
+    name="SpeechSynthesizer",
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    max_ongoing_requests=4,
+    max_queued_requests=32,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=30,
+)
+class SpeechDeployment(StageReplica):
+    stage = "tts"
+
+    def build(self, settings):
+        from lipserve.tts import SpeechSynthesizer
+
+        synthesizer = SpeechSynthesizer(settings)
+        synthesizer.preload()  # piper's ONNX session, so the first request does not pay for it
+        return synthesizer
+
+    async def synthesize(self, text: str, language: str = "en", engine: str = "auto") -> StageOutput:
+        return await self.run_timed("tts", lambda r: r.engine, self.worker.synthesize, text, language, engine)
+
+    async def languages(self) -> dict[str, list[str]]:
+        return self.worker.languages()

@@ -1,0 +1,38 @@
+"""Voice conversion stage (FreeVC, half a GPU): wraps lipserve.voice.VoiceConverter.
+
+The reference voice comes from the source video's audio track (or a separate reference file),
+fetched from Ray's object store, never from storage.
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from lipserve.pipeline import StageOutput, convert_voice
+
+from .common import StageReplica, resolve
+
+
+@serve.deployment(
+    name="VoiceConverter",
+    ray_actor_options={"num_cpus": 2, "num_gpus": 0.5},
+    max_ongoing_requests=2,
+    max_queued_requests=16,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=60,
+)
+class VoiceDeployment(StageReplica):
+    stage = "voice"
+
+    def build(self, settings):
+        from lipserve.voice import VoiceConverter
+
+        return VoiceConverter(settings)
+
+    async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
+                      deterministic: bool = True) -> StageOutput:
+        data = await resolve(reference)
+        variant = self.settings.freevc_variant
+        return await self.run_timed("voice", lambda r: variant, convert_voice, self.worker, audio, sample_rate,
+                                    data, reference_is_video, deterministic)

@@ -1,0 +1,138 @@
+"""`lipserve` command line.
+
+    lipserve run --video me.mp4 --text "Hello there" --out said.mp4   # the whole pipeline, one process, no Ray
+    lipserve weights fetch|verify|list                                 # checkpoints (lipserve/weights/cli.py)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import LipserveError
+
+
+class StageLines:
+    """Progress for the long steps: one line when a stage starts and one when it ends."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stage: str, event: str, seconds: float | None) -> None:
+        now = time.perf_counter() - self.t0
+        if event == "start":
+            print(f"[{now:7.2f}s] {stage:<9} ...", file=self.stream, flush=True)
+        else:
+            print(f"[{now:7.2f}s] {stage:<9} done in {seconds:.2f}s", file=self.stream, flush=True)
+
+
+def _local_uri(value: str) -> str:
+    """gs:// as given; anything else becomes an absolute local path."""
+    return value if value.startswith("gs://") else str(Path(value).expanduser().resolve())
+
+
+def cmd_run(args) -> int:
+    from .contract import LipVideoRequest, RequestOptions
+    from .logs import configure_logging
+    from .settings import Settings
+
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING)
+    overrides: dict = {}
+    # the command line works on the user's own files: any local path, and any bucket unless
+    # LIPSERVE_ALLOWED_BUCKETS narrows it
+    overrides["storage_root"] = Path("/")
+    if "LIPSERVE_ALLOWED_BUCKETS" not in os.environ:
+        overrides["allowed_buckets"] = ["*"]
+    if args.synthetic_weights:
+        overrides["allow_synthetic_weights"] = True
+    if args.weights_dir:
+        overrides["weights_dir"] = args.weights_dir
+    settings = Settings(**overrides)
+
+    options = {"overwrite": args.overwrite, "tts_engine": args.engine}
+    if args.face_mode:
+        options["face_mode"] = args.face_mode
+    if args.reference:
+        options["reference_audio"] = _local_uri(args.reference)
+    request = LipVideoRequest(word=args.text, user_video_gs=_local_uri(args.video),
+                              output_video_gs=_local_uri(args.out), tts_lang=args.lang,
+                              options=RequestOptions(**options))
+
+    # refuse what can be refused before the models load (tens of seconds on a CPU)
+    from .pipeline import Pipeline, check_video, preflight
+    from .storage import Storage
+
+    storage = Storage(settings)
+    preflight(request, settings, storage)
+    check_video(storage.read_bytes(request.user_video_gs), settings)
+
+    progress = StageLines()
+    print("loading models (once per process) ...", file=sys.stderr, flush=True)
+
+    t = time.perf_counter()
+    pipeline = Pipeline(settings, storage=storage)
+    print(f"models loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    response = pipeline.run(request, progress=progress)
+
+    if response.synthetic_weights:
+        print("\n" + "!" * 78 + "\n!! SYNTHETIC WEIGHTS: the models ran without their checkpoints."
+              " The output is NOT meaningful.\n!! Fetch them with `lipserve weights fetch`.\n" + "!" * 78,
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(response.model_dump(), indent=2))
+    else:
+        print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s)")
+        print("engines: " + ", ".join(f"{k}={v}" for k, v in response.engines.items()))
+        print("step times: " + ", ".join(f"{k}={v:.2f}s" for k, v in response.step_times.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{run,weights}")
+
+    run = sub.add_parser("run", help="make one lip-synced video in this process (no Ray)")
+    run.add_argument("--video", required=True, help="source selfie video (path or gs://)")
+    run.add_argument("--text", required=True, help="what the person will say")
+    run.add_argument("--out", required=True, help="output mp4 (path or gs://)")
+    run.add_argument("--lang", default="en", help="TTS language code (default en)")
+    run.add_argument("--engine", default="auto", help="TTS engine: auto, piper, espeak, gtts")
+    run.add_argument("--face-mode", choices=["static", "track"], default=None, help="face finding (default static)")
+    run.add_argument("--reference", default=None, help="separate voice reference (audio or video file)")
+    run.add_argument("--synthetic-weights", action="store_true",
+                     help="allow synthetic weights when checkpoints are missing (output NOT meaningful)")
+    run.add_argument("--weights-dir", default=None, help="checkpoint folder (default: settings.weights_dir)")
+    run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    run.add_argument("--json", action="store_true", help="print the full response as JSON")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    try:  # written separately; `lipserve run` must work without it
+        from .weights.cli import register
+    except ImportError as exc:
+        logging.getLogger("lipserve.cli").debug("weights commands unavailable: %s", exc)
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LipserveError as exc:
+        print(f"error [{exc.status} {exc.code}]: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

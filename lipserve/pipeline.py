@@ -1,0 +1,418 @@
+"""One request, end to end: pre-flight, the two branches, lip sync, the atomic write, the response.
+
+The orchestration is written once, in `orchestrate()`, against a small `Stages` interface:
+
+* `LocalStages` runs the lipserve classes in this process (threads), for the CLI and tests;
+* the Ray Serve ingress (deployments/ingress.py) implements the same interface with handles to
+  the stage deployments.
+
+So both paths validate the same way, overlap the same branches and build the same response.
+The pure helpers (`preflight`, `check_video`, `lipsync_options`, `build_response`, ...) are the
+pieces the ingress also calls directly. This module never imports Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .contract import LipVideoRequest, LipVideoResponse
+from .errors import (
+    EmptyText,
+    InvalidField,
+    ResolutionTooLarge,
+    TextTooLong,
+    Timeout,
+    UnsupportedLanguage,
+    VideoTooLong,
+)
+from .settings import Settings
+from .timing import StageTimer
+
+log = logging.getLogger("lipserve.pipeline")
+
+# step_times keys, in the order the request meets them (the table is printed in this order)
+STAGES = ("download", "probe", "tts", "faces", "voice", "lipsync", "upload")
+
+SYNTHETIC_WARNING = ("SYNTHETIC WEIGHTS: at least one model ran on deterministic synthetic weights "
+                     "because its checkpoint is missing. The OUTPUT IS NOT MEANINGFUL. "
+                     "Fetch the checkpoints with `lipserve weights fetch`.")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# progress(stage, event, seconds): event is "start" or "end" (seconds is None on "start")
+Progress = Callable[[str, str, "float | None"], None]
+
+
+def new_request_id(given: str | None = None) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a fresh one."""
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+# ---------------------------------------------------------------- pure helpers (shared with the ingress)
+
+@dataclass
+class Preflight:
+    """What pre-flight learned: the cleaned text and the options the stages will get."""
+
+    text: str
+    language: str
+    engine: str
+    overwrite: bool
+    lipsync: dict          # LipSyncOptions fields, plain (the ingress need not import the lipsync module)
+    reference_uri: str | None
+
+
+def check_text(word: str, settings: Settings) -> str:
+    text = (word or "").strip()
+    if not text:
+        raise EmptyText("word is empty: give the word or sentence to say", field="word")
+    if len(text) > settings.max_text_chars:
+        raise TextTooLong(f"word has {len(text)} characters; the limit is {settings.max_text_chars}", field="word")
+    return text
+
+
+def check_language(language: str, engine: str, languages: dict[str, list[str]] | None) -> str:
+    """UnsupportedLanguage (400) unless the engine (any engine for 'auto') speaks `language`."""
+    lang = language.strip()
+    if languages is None:  # unknown here; the speech stage will decide
+        return lang
+    if engine == "auto":
+        offered = sorted({code for codes in languages.values() for code in codes})
+    elif engine in languages:
+        offered = sorted(languages[engine])
+    else:
+        raise InvalidField(f"options.tts_engine {engine!r} is not available (have: auto, {', '.join(sorted(languages))})",
+                           field="options.tts_engine")
+    wanted = {lang, lang.lower(), lang.lower().replace("_", "-").split("-")[0]}
+    if not wanted & set(offered):
+        raise UnsupportedLanguage(f"tts_lang {lang!r} is not supported by {engine}; supported: {', '.join(offered)}",
+                                  field="tts_lang")
+    return lang
+
+
+def lipsync_options(options, settings: Settings) -> dict:
+    """RequestOptions + settings defaults -> LipSyncOptions fields (a plain dict)."""
+    box = None
+    if options.box is not None:
+        b = options.box
+        if b.x2 <= b.x1 or b.y2 <= b.y1 or min(b.x1, b.y1) < 0:
+            raise InvalidField("options.box must have 0 <= x1 < x2 and 0 <= y1 < y2", field="options.box")
+        box = (b.x1, b.y1, b.x2, b.y2)
+    mode = options.face_mode or ("box" if box is not None else settings.face_mode)
+    if mode == "box" and box is None:
+        raise InvalidField("options.face_mode 'box' needs options.box", field="options.box")
+    return {
+        "face_mode": mode,
+        "box": box if mode == "box" else None,
+        "pads": tuple(options.pads if options.pads is not None else settings.pads),
+        "resize_factor": int(options.resize_factor or settings.resize_factor),
+    }
+
+
+def preflight(request: LipVideoRequest, settings: Settings, storage,
+              languages: dict[str, list[str]] | None = None) -> Preflight:
+    """Everything that can be refused before any heavy work: text, language, URIs, allow-list,
+    an existing output (409). Raises the named errors; touches storage only for metadata."""
+    text = check_text(request.word, settings)
+    opts = request.options
+    lang = check_language(request.tts_lang, opts.tts_engine, languages)
+    lip = lipsync_options(opts, settings)
+    storage.parse(request.user_video_gs)
+    if opts.reference_audio:
+        storage.parse(opts.reference_audio)
+    storage.check_output(request.output_video_gs, overwrite=opts.overwrite)
+    if storage.parse(request.output_video_gs) == storage.parse(request.user_video_gs):
+        raise InvalidField("output_video_gs must differ from user_video_gs", field="output_video_gs")
+    return Preflight(text=text, language=lang, engine=opts.tts_engine, overwrite=opts.overwrite,
+                     lipsync=lip, reference_uri=opts.reference_audio)
+
+
+def check_video(data: bytes, settings: Settings):
+    """Probe the source (422 if it is not a video) and apply the duration/resolution limits (413)."""
+    from . import media
+
+    info = media.probe(data)
+    if info.duration > settings.max_video_seconds:
+        raise VideoTooLong(f"source video is {info.duration:.1f} s; the limit is {settings.max_video_seconds:g} s",
+                           field="user_video_gs")
+    if info.width * info.height > settings.max_resolution:
+        raise ResolutionTooLarge(f"source video is {info.width}x{info.height}; the limit is "
+                                 f"{settings.max_resolution} pixels", field="user_video_gs")
+    return info
+
+
+def check_speech(seconds: float, settings: Settings) -> None:
+    if seconds > settings.max_speech_seconds:
+        raise TextTooLong(f"the speech for this text lasts {seconds:.1f} s; the limit is "
+                          f"{settings.max_speech_seconds:g} s", field="word")
+
+
+def frames_for(fps: float, seconds: float) -> int:
+    from . import media
+
+    return media.frames_needed(fps, seconds)
+
+
+@dataclass
+class StageOutput:
+    """A stage's result plus when it ran (unix seconds, measured where it ran)."""
+
+    result: Any
+    started: float
+    ended: float
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
+def timed_call(fn, *args, **kwargs) -> StageOutput:
+    start = time.time()
+    result = fn(*args, **kwargs)
+    return StageOutput(result, start, time.time())
+
+
+@dataclass
+class Outcome:
+    """What the stages produced for one request (input to build_response)."""
+
+    speech: Any = None      # SpeechResult
+    voice: Any = None       # VoiceResult
+    plan: Any = None        # FacePlan
+    sync: Any = None        # SyncResult
+    engines: dict[str, str] = field(default_factory=dict)
+    extra_warnings: list[str] = field(default_factory=list)
+
+
+def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer, outcome: Outcome,
+                   output_uri: str) -> LipVideoResponse:
+    step_times = {k: round(timer.step_times[k], 4) for k in STAGES if k in timer.step_times}
+    step_times["total"] = round(timer.total(), 4)
+    synthetic = bool(getattr(outcome.voice, "synthetic_weights", False) or getattr(outcome.sync, "synthetic_weights", False))
+    warnings = list(getattr(outcome.speech, "fallbacks", []) or []) + outcome.extra_warnings
+    if synthetic:
+        warnings.insert(0, SYNTHETIC_WARNING)
+    engines = dict(outcome.engines)
+    if outcome.speech is not None:
+        engines.setdefault("tts", f"{outcome.speech.engine}:{outcome.speech.voice}")
+    if outcome.plan is not None:
+        engines.setdefault("faces", outcome.plan.detector)
+    cache = {
+        "face_boxes": bool(getattr(outcome.plan, "cached", False)),
+        "speaker_embedding": bool(getattr(outcome.voice, "speaker_cached", False)),
+        "tts": bool(getattr(outcome.speech, "cached", False)),
+    }
+    return LipVideoResponse(
+        request_id=request_id,
+        output_video_gs=output_uri,
+        duration_s=round(float(outcome.sync.duration_s), 4),
+        engines=engines,
+        step_times=step_times,
+        synthetic_weights=synthetic,
+        cache=cache,
+        warnings=warnings,
+        stage_spans={k: [round(a, 4), round(b, 4)] for k, (a, b) in timer.spans.items()},
+    )
+
+
+# ---------------------------------------------------------------- the orchestration, once
+
+class Stages(Protocol):
+    """How orchestrate() reaches the stages. Every call returns a StageOutput."""
+
+    def languages(self) -> dict[str, list[str]] | None: ...
+    def engines(self) -> dict[str, str]: ...
+    async def read(self, fn, *args) -> Any: ...                                   # run blocking storage/probe work
+    async def share(self, data: bytes) -> Any: ...                                # bytes -> token the stages accept
+    async def synthesize(self, text: str, language: str, engine: str) -> StageOutput: ...
+    async def convert(self, audio, sample_rate: int, reference: Any, reference_is_video: bool,
+                      deterministic: bool) -> StageOutput: ...
+    async def plan_faces(self, video: Any, options: dict, frames_needed: int | None) -> StageOutput: ...
+    async def sync(self, video: Any, audio, sample_rate: int, options: dict, plan: Any) -> StageOutput: ...
+
+
+async def orchestrate(request: LipVideoRequest, request_id: str, settings: Settings, storage, stages: Stages,
+                      progress: Progress | None = None, label: str = "lipserve") -> LipVideoResponse:
+    """Run one request. Raises LipserveError subclasses; writes the output only if all succeeded."""
+    timer = StageTimer(label)
+    notify = progress or (lambda stage, event, seconds: None)
+
+    def record(name: str, out: StageOutput) -> Any:
+        timer.add(name, out.seconds, out.started)
+        notify(name, "end", out.seconds)
+        return out.result
+
+    async def local_stage(name: str, fn, *args):
+        notify(name, "start", None)
+        out = await stages.read(timed_call, fn, *args)
+        return record(name, out)
+
+    async def remote_stage(name: str, call):
+        notify(name, "start", None)
+        return record(name, await call)
+
+    pre = await stages.read(preflight, request, settings, storage, stages.languages())
+    video = await local_stage("download", storage.read_bytes, request.user_video_gs)
+    info = await local_stage("probe", check_video, video, settings)
+    reference, reference_is_video = None, True
+    if pre.reference_uri:
+        reference = await stages.read(storage.read_bytes, pre.reference_uri)
+        reference_is_video = False
+    video_token = await stages.share(video)
+    reference_token = video_token if reference is None else await stages.share(reference)
+    del video, reference  # the stages hold their own references from here on
+
+    outcome = Outcome()
+    track = pre.lipsync["face_mode"] == "track"
+
+    async def video_branch(frames_needed: int | None):
+        return await remote_stage("faces", stages.plan_faces(video_token, pre.lipsync, frames_needed))
+
+    async def audio_branch():
+        speech = await remote_stage("tts", stages.synthesize(pre.text, pre.language, pre.engine))
+        speech_seconds = len(speech.audio) / float(speech.sample_rate)
+        check_speech(speech_seconds, settings)
+        voice = remote_stage("voice", stages.convert(speech.audio, speech.sample_rate, reference_token,
+                                                     reference_is_video, request.options.deterministic_voice))
+        if not track:
+            return speech, await voice, None
+        # tracking needs a box per output frame: the speech length says how many
+        voice, plan = await gather_or_cancel(voice, video_branch(frames_for(info.fps, speech_seconds)))
+        return speech, voice, plan
+
+    if track:
+        outcome.speech, outcome.voice, outcome.plan = await audio_branch()
+    else:
+        # static/box detection only touches the first frames: start it at once, beside the audio branch
+        (outcome.speech, outcome.voice, _), outcome.plan = await gather_or_cancel(audio_branch(), video_branch(None))
+    outcome.sync = await remote_stage("lipsync", stages.sync(video_token, outcome.voice.audio, outcome.voice.sample_rate,
+                                                            pre.lipsync, outcome.plan))
+    outcome.engines = stages.engines()
+    await local_stage("upload", write_output, storage, request.output_video_gs, outcome.sync.mp4, pre.overwrite)
+    response = build_response(request, request_id, timer, outcome, request.output_video_gs)
+    timer.label = f"{label} {request_id}"
+    timer.log_table(response.step_times)
+    if response.synthetic_weights:
+        log.warning("request %s: %s", request_id, SYNTHETIC_WARNING)
+    return response
+
+
+async def gather_or_cancel(*aws):
+    """Run concurrently; the first failure propagates at once and the other branches are cancelled
+    (a request with no face should not wait for voice conversion to fail)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def with_timeout(coro, seconds: float):
+    """The whole-request limit: Timeout (504) when it runs out."""
+    try:
+        return await asyncio.wait_for(coro, timeout=seconds)
+    except asyncio.TimeoutError:
+        raise Timeout(f"the request did not finish within {seconds:g} s") from None
+
+
+# ---------------------------------------------------------------- one process, no Ray
+
+class LocalStages:
+    """Stages as plain objects in this process; blocking work runs in worker threads so the
+    video branch really overlaps the audio branch."""
+
+    def __init__(self, tts, voice, lipsync):
+        self.tts, self.voice, self.lipsync = tts, voice, lipsync
+        self._languages = tts.languages()
+
+    def languages(self):
+        return self._languages
+
+    def engines(self) -> dict[str, str]:
+        return stage_engines(self.voice.describe(), self.lipsync.describe())
+
+    async def read(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    async def share(self, data: bytes):
+        return data
+
+    async def synthesize(self, text, language, engine):
+        return await asyncio.to_thread(timed_call, self.tts.synthesize, text, language, engine)
+
+    async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic):
+        return await asyncio.to_thread(timed_call, convert_voice, self.voice, audio, sample_rate, reference,
+                                       reference_is_video, deterministic)
+
+    async def plan_faces(self, video, options, frames_needed):
+        from .lipsync import LipSyncOptions
+
+        return await asyncio.to_thread(timed_call, self.lipsync.plan_faces, video, LipSyncOptions(**options), frames_needed)
+
+    async def sync(self, video, audio, sample_rate, options, plan):
+        from .lipsync import LipSyncOptions
+
+        return await asyncio.to_thread(timed_call, self.lipsync.sync, video, audio, sample_rate,
+                                       LipSyncOptions(**options), plan)
+
+
+def write_output(storage, uri: str, data: bytes, overwrite: bool) -> str:
+    return storage.write_bytes(uri, data, overwrite=overwrite)
+
+
+def convert_voice(voice, audio, sample_rate: int, reference: bytes, reference_is_video: bool, deterministic: bool):
+    """Reference voice from the source video (or a separate file), then FreeVC. NoVoiceFound 422."""
+    ref = voice.reference_from_video(reference) if reference_is_video else voice.reference_from_audio(reference)
+    return voice.convert(audio, sample_rate, ref, deterministic=deterministic)
+
+
+def stage_engines(voice_desc: dict, lipsync_desc: dict) -> dict[str, str]:
+    """'voice' and 'lipsync' engine names from the stages' describe() dicts."""
+    def name(desc: dict, *keys: str, default: str) -> str:
+        for k in keys:
+            if desc.get(k):
+                return str(desc[k])
+        return default
+
+    return {"voice": name(voice_desc, "engine", "variant", "checkpoint", default="freevc"),
+            "lipsync": name(lipsync_desc, "engine", "checkpoint", default="wav2lip")}
+
+
+class Pipeline:
+    """The whole request in one process (no Ray): for the CLI, tests and people without a cluster."""
+
+    def __init__(self, settings: Settings, *, storage=None, tts=None, voice=None, lipsync=None):
+        self.settings = settings
+        if storage is None:
+            from .storage import Storage
+
+            storage = Storage(settings)
+        if tts is None:
+            from .tts import SpeechSynthesizer
+
+            tts = SpeechSynthesizer(settings)
+        if voice is None:
+            from .voice import VoiceConverter
+
+            voice = VoiceConverter(settings)
+        if lipsync is None:
+            from .lipsync import LipSyncer
+
+            lipsync = LipSyncer(settings)
+        self.storage = storage
+        self.stages = LocalStages(tts, voice, lipsync)
+
+    def run(self, request: LipVideoRequest, request_id: str | None = None, progress: Progress | None = None) -> LipVideoResponse:
+        rid = new_request_id(request_id)
+        coro = orchestrate(request, rid, self.settings, self.storage, self.stages, progress, label="lipserve (one process)")
+        return asyncio.run(with_timeout(coro, self.settings.request_timeout_s))

@@ -1,0 +1,195 @@
+"""The one-process pipeline (no Ray): pre-flight rules, the orchestration end to end on local
+paths with synthetic weights, and the `lipserve run` command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lipserve import media, testmedia
+from lipserve.contract import FaceBox, LipVideoRequest, RequestOptions
+from lipserve.errors import (
+    BucketNotAllowed,
+    EmptyText,
+    InvalidField,
+    InvalidMedia,
+    InvalidURI,
+    OutputExists,
+    PathEscape,
+    TextTooLong,
+    UnsupportedLanguage,
+    VideoTooLong,
+)
+from lipserve.pipeline import STAGES, Pipeline, check_video, lipsync_options, new_request_id, preflight
+from lipserve.settings import Settings
+from lipserve.storage import Storage
+
+LANGS = {"piper": ["en"], "espeak": ["en", "ko", "de"]}
+
+
+@pytest.fixture()
+def root(tmp_path) -> Path:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "src.mp4").write_bytes(b"x")
+    return tmp_path
+
+
+def _request(**kw) -> LipVideoRequest:
+    base = {"word": "Hello.", "user_video_gs": "in/src.mp4", "output_video_gs": "out/o.mp4"}
+    base.update(kw)
+    return LipVideoRequest(**base)
+
+
+# ---------------------------------------------------------------- pre-flight (no models)
+
+@pytest.mark.parametrize("change, error", [
+    ({"word": "  \n "}, EmptyText),
+    ({"word": "a" * 51}, TextTooLong),
+    ({"tts_lang": "xx"}, UnsupportedLanguage),
+    ({"user_video_gs": "s3://bucket/x.mp4"}, InvalidURI),
+    ({"user_video_gs": "gs://somebucket/x.mp4"}, BucketNotAllowed),
+    ({"output_video_gs": "../escape.mp4"}, PathEscape),
+    ({"output_video_gs": "in/src.mp4"}, OutputExists),
+    ({"options": RequestOptions(face_mode="box")}, InvalidField),
+    ({"options": RequestOptions(tts_engine="nosuch")}, InvalidField),
+])
+def test_preflight_refuses_bad_requests(root, change, error):
+    settings = Settings(storage_root=root, max_text_chars=50, allowed_buckets=[])
+    with pytest.raises(error):
+        preflight(_request(**change), settings, Storage(settings), LANGS)
+
+
+def test_preflight_accepts_language_variants_and_fills_options(root):
+    settings = Settings(storage_root=root)
+    pre = preflight(_request(tts_lang="en-US", word="  Hi there  "), settings, Storage(settings), LANGS)
+    assert pre.text == "Hi there" and pre.language == "en-US"
+    assert pre.lipsync == {"face_mode": "static", "box": None, "pads": (0, 20, 0, 0), "resize_factor": 1}
+    pre = preflight(_request(tts_lang="ko", options=RequestOptions(tts_engine="espeak")), settings, Storage(settings), LANGS)
+    assert pre.engine == "espeak"
+
+
+def test_lipsync_options_box_and_overrides():
+    settings = Settings(face_mode="track", pads=(1, 2, 3, 4), resize_factor=2)
+    assert lipsync_options(RequestOptions(), settings) == {
+        "face_mode": "track", "box": None, "pads": (1, 2, 3, 4), "resize_factor": 2}
+    boxed = lipsync_options(RequestOptions(box=FaceBox(x1=1, y1=2, x2=30, y2=40), resize_factor=3), settings)
+    assert boxed["face_mode"] == "box" and boxed["box"] == (1, 2, 30, 40) and boxed["resize_factor"] == 3
+    with pytest.raises(InvalidField):
+        lipsync_options(RequestOptions(box=FaceBox(x1=10, y1=2, x2=5, y2=40)), settings)
+
+
+def test_check_video_limits():
+    clip = testmedia.astronaut_clip(seconds=2.0, fps=10, size=(160, 120), audio=None)
+    assert check_video(clip, Settings()).n_frames == 20
+    with pytest.raises(VideoTooLong):
+        check_video(clip, Settings(max_video_seconds=1.0))
+    with pytest.raises(InvalidMedia):
+        check_video(b"not a video at all" * 10, Settings())
+
+
+def test_request_id_is_kept_when_sane_and_made_otherwise():
+    assert new_request_id("abc-123") == "abc-123"
+    made = new_request_id("bad id with spaces\n")
+    assert made != "bad id with spaces\n" and len(made) == 16
+
+
+# ---------------------------------------------------------------- end to end, one process
+
+@pytest.fixture(scope="module")
+def local_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline-root")
+    weights = tmp_path_factory.mktemp("no-weights")
+    (root / "src.mp4").write_bytes(testmedia.astronaut_clip(seconds=3.0, fps=25, size=(320, 240), audio="speechlike"))
+    settings = Settings(storage_root=root, weights_dir=weights, allow_synthetic_weights=True,
+                        tts_order=["piper"], device="cpu", torch_threads=1)
+    return Pipeline(settings), root
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_local_paths(local_pipeline):
+    pipeline, root = local_pipeline
+    events = []
+    response = pipeline.run(_request(word="Hello there.", user_video_gs="src.mp4", output_video_gs="out/a.mp4"),
+                            request_id="local-1", progress=lambda s, e, sec: events.append((s, e)))
+    assert response.request_id == "local-1"
+    assert set(STAGES) | {"total"} == set(response.step_times)
+    assert response.synthetic_weights and "SYNTHETIC" in response.warnings[0]
+    assert {(s, "end") for s in STAGES} <= set(events)
+    data = (root / "out" / "a.mp4").read_bytes()
+    info = media.probe(data)
+    assert info.has_audio and info.video_codec == "h264"
+    speech_s = media.read_audio(data, 16000).size / 16000
+    assert abs(info.duration - speech_s) <= 1 / info.fps + 0.03
+    # static faces ran beside the audio branch
+    spans = response.stage_spans
+    assert spans["faces"][0] < spans["tts"][1]
+    assert not list(root.glob("out/.*tmp"))  # no temporary file left behind
+
+    # the same video again: face boxes and speaker embedding come from the caches
+    again = pipeline.run(_request(word="Good morning.", user_video_gs="src.mp4", output_video_gs="out/b.mp4"))
+    assert again.cache["face_boxes"] and again.cache["speaker_embedding"]
+
+
+@pytest.mark.slow
+def test_pipeline_track_mode_plans_faces_after_tts(local_pipeline):
+    pipeline, root = local_pipeline
+    response = pipeline.run(_request(word="Track me.", user_video_gs="src.mp4", output_video_gs="out/t.mp4",
+                                     options=RequestOptions(face_mode="track")))
+    spans = response.stage_spans
+    # tracking needs the speech length, so the face plan starts once TTS is done, beside voice
+    assert spans["faces"][0] >= spans["tts"][1] - 0.01
+    assert spans["faces"][0] < spans["voice"][1]
+    assert (root / "out" / "t.mp4").is_file()
+
+
+@pytest.mark.slow
+def test_pipeline_refuses_existing_output_before_any_stage(local_pipeline):
+    pipeline, root = local_pipeline
+    (root / "out").mkdir(exist_ok=True)
+    (root / "out" / "exists.mp4").write_bytes(b"keep me")
+    started = []
+    with pytest.raises(OutputExists):
+        pipeline.run(_request(user_video_gs="src.mp4", output_video_gs="out/exists.mp4"),
+                     progress=lambda s, e, sec: started.append(s))
+    assert started == []
+    assert (root / "out" / "exists.mp4").read_bytes() == b"keep me"
+
+
+# ---------------------------------------------------------------- the command line
+
+def _lipserve() -> list[str]:
+    return [sys.executable, "-m", "lipserve.cli"]
+
+
+@pytest.mark.slow
+def test_cli_run_makes_a_video(tmp_path):
+    src, out = tmp_path / "me.mp4", tmp_path / "said.mp4"
+    src.write_bytes(testmedia.astronaut_clip(seconds=2.0, fps=25, size=(320, 240), audio="speechlike"))
+    env = {**os.environ, "LIPSERVE_WEIGHTS_DIR": str(tmp_path / "none"), "LIPSERVE_TTS_ORDER": "piper",
+           "LIPSERVE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(_lipserve() + ["run", "--video", str(src), "--text", "Hi there.", "--out", str(out),
+                                         "--synthetic-weights"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SYNTHETIC WEIGHTS" in proc.stderr
+    for stage in ("tts", "voice", "lipsync"):
+        assert f"] {stage}" in proc.stderr  # a progress line per long stage
+    assert f"wrote {out}" in proc.stdout
+    assert media.probe(out.read_bytes()).has_audio
+
+
+def test_cli_reports_a_missing_source_without_loading_models(tmp_path):
+    proc = subprocess.run(_lipserve() + ["run", "--video", str(tmp_path / "nope.mp4"), "--text", "Hi",
+                                         "--out", str(tmp_path / "o.mp4")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "404 source_not_found" in proc.stderr
+    assert "loading models" not in proc.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_cli_has_weights_commands():
+    proc = subprocess.run(_lipserve() + ["--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "run" in proc.stdout and "weights" in proc.stdout
