@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/cpu-torch.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m lipserve.demo
+	$(VPY) -m deployments.demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

@@ -1,12 +1,29 @@
-"""The Ray half of `make demo` (lipserve/demo.py stays Ray-free): start a local Ray, deploy the
-graph with serve_config.local.yaml, send one real HTTP request, shut everything down."""
+"""`make demo`: the whole graph on a local Ray, one real HTTP request, a summary.
+
+On a fresh clone (no checkpoints in weights/) the stages run on synthetic weights, and this says
+so loudly: the pipeline is real end to end, the mouths and voice are not meaningful. With the
+checkpoints in weights/ (`lipserve weights fetch`) they are used.
+
+It lives beside the deployments, not in `lipserve/`, because it starts Ray.
+"""
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import ray
 from ray import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+# what each stage loads; any one missing means that stage runs synthetic
+CHECKPOINT_FILES = ("wav2lip_gan.pth", "freevc.pth", "WavLM-Large.pt", "pretrained_bak_5805000.pt")
+
+BANNER = "!" * 78
+
 
 
 def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeout_s: float = 600) -> dict:
@@ -30,3 +47,70 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def loud(lines: list[str]) -> str:
+    return "\n".join([BANNER, *(f"!!  {line}" for line in lines), BANNER])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--text", default="Hello! This video was made by lipserve.")
+    parser.add_argument("--lang", default="en")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of the generated source clip")
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="local storage root")
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights", help="checkpoint folder")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    data, weights = args.data.resolve(), args.weights.resolve()
+    missing = [f for f in CHECKPOINT_FILES if not (weights / f).is_file()]
+    synthetic = bool(missing)
+    if synthetic:
+        print(loud([f"No checkpoints in {weights} (missing: {', '.join(missing)}).",
+                    "The demo runs the REAL pipeline on SYNTHETIC WEIGHTS: the output video is valid,",
+                    "but its voice and mouth movements are NOT meaningful.",
+                    "Fetch the real checkpoints with `lipserve weights fetch`."]), flush=True)
+
+    from lipserve import media, testmedia
+
+    source = data / "demo" / "astronaut.mp4"
+    output = data / "demo" / "astronaut-says.mp4"
+    testmedia.write_demo_clip(source, seconds=args.seconds)
+    print(f"source clip: {source} ({source.stat().st_size} bytes, the scikit-image astronaut, moving)", flush=True)
+
+    env = {
+        "LIPSERVE_STORAGE_ROOT": str(data),
+        "LIPSERVE_WEIGHTS_DIR": str(weights),
+        "LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS": "1" if synthetic else "0",
+    }
+    body = {"word": args.text, "user_video_gs": "demo/astronaut.mp4",
+            "output_video_gs": "demo/astronaut-says.mp4", "tts_lang": args.lang,
+            "options": {"overwrite": True, "face_mode": "track"}}  # the demo clip moves: follow the face
+    answer = deploy_and_request(body, env, port=args.port)
+    if answer["status"] != 200:
+        print(f"request failed: HTTP {answer['status']}: {answer['result']}", file=sys.stderr)
+        return 1
+    result, wall = answer["result"], answer["wall_s"]
+
+    info = media.probe(output.read_bytes())
+    print()
+    print("=" * 78)
+    print(f"output video:  {output}")
+    print(f"duration:      {result['duration_s']:.2f}s  ({info.width}x{info.height} {info.video_codec}, "
+          f"audio: {'yes' if info.has_audio else 'NO'}, {info.fps:g} fps)")
+    print("engines:       " + ", ".join(f"{k}={v}" for k, v in result["engines"].items()))
+    print("stage times:")
+    for stage, seconds in result["step_times"].items():
+        print(f"  {stage:<10} {seconds:7.2f}s")
+    print(f"HTTP round trip: {wall:.2f}s   cache: {result['cache']}")
+    print("=" * 78)
+    if result["synthetic_weights"]:
+        print(loud(["THE MODELS RAN ON SYNTHETIC WEIGHTS: the output is NOT meaningful.",
+                    "Fetch the checkpoints with `lipserve weights fetch`, then run `make demo` again."]))
+    return 0 if info.has_audio else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
