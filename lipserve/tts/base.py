@@ -61,15 +61,16 @@ class TTSEngine(ABC):
     """One speech engine. Engines raise TTSUnavailable for failures of the backend itself."""
 
     name: str = ""
+    _reason: str | None = None  # why the engine cannot be used here; None = usable
 
     @property
-    @abstractmethod
     def available(self) -> bool:
         """Usable in this process (installed, voices found)."""
+        return self.unavailable_reason is None
 
     @property
     def unavailable_reason(self) -> str | None:
-        return None
+        return self._reason
 
     @abstractmethod
     def languages(self) -> list[str]:

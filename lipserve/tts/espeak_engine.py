@@ -59,14 +59,6 @@ class EspeakEngine(TTSEngine):
         if not self._voices:
             self._reason = f"{self.binary} --voices listed no voices"
 
-    @property
-    def available(self) -> bool:
-        return self._reason is None
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        return self._reason
-
     def languages(self) -> list[str]:
         return list(self._voices)
 

@@ -86,19 +86,10 @@ class GTTSEngine(TTSEngine):
 
             # normalised code -> gTTS's own spelling ('zh-tw' -> 'zh-TW'; its check is case-sensitive)
             self._codes = {normalize_language(c): c for c in tts_langs()}
-            self._reason = None
+            self._reason = None  # "available" means installed; whether Google answers is known per call
         except ImportError as e:
             self._codes = {}
             self._reason = f"gTTS not importable: {e}"
-
-    @property
-    def available(self) -> bool:
-        # "installed"; whether Google answers is only known per call
-        return self._reason is None
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        return self._reason
 
     def languages(self) -> list[str]:
         return list(self._codes)

@@ -95,10 +95,6 @@ class PiperEngine(TTSEngine):
             self._import_error = f"piper-tts not importable: {e}"
 
     @property
-    def available(self) -> bool:
-        return self._import_error is None and bool(self.voices)
-
-    @property
     def unavailable_reason(self) -> str | None:
         if self._import_error:
             return self._import_error
