@@ -136,6 +136,13 @@ class RemoteStages:
         return await self.ingress.lipsync.sync.remote(video, audio, sample_rate, options, plan)
 
 
+def stage_status(stages: dict, ready: bool) -> JSONResponse:
+    """200 with every stage's report, or 503 + Retry-After while a stage is not ready."""
+    body = {"status": "ok" if ready else "degraded", "stages": stages}
+    headers = {} if ready else {"Retry-After": str(ModelNotLoaded.retry_after)}
+    return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+
 @serve.deployment(
     name="Ingress",
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
@@ -191,6 +198,14 @@ class Ingress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
+    def refuse_unauthorized(self, request: Request) -> JSONResponse | None:
+        """The 401 answer for a request without the configured token, else None."""
+        try:
+            self.authorize(request)
+        except LipserveError as exc:
+            return error_response(exc, request_id_of(request))
+        return None
+
     async def stage_info(self) -> None:
         """Languages and engines, asked of the stages once (they do not change without a redeploy)."""
         if self.stage_languages is None:
@@ -244,33 +259,19 @@ class Ingress:
     @app.get("/health")
     async def health(self, request: Request):
         stages = await self.describe_stages("describe")
-        healthy = all(s.get("up") and s.get("model_loaded") for s in stages.values())
-        body = {"status": "ok" if healthy else "degraded", "stages": stages}
-        headers = {} if healthy else {"Retry-After": str(ModelNotLoaded.retry_after)}
-        return JSONResponse(body, status_code=200 if healthy else 503, headers=headers)
+        return stage_status(stages, all(s.get("up") and s.get("model_loaded") for s in stages.values()))
 
     @app.post("/api/v1/preload-models")
     async def preload_models(self, request: Request):
-        request_id = request_id_of(request)
-        try:
-            self.authorize(request)
-        except LipserveError as exc:
-            return error_response(exc, request_id)
+        if (refused := self.refuse_unauthorized(request)) is not None:
+            return refused
         stages = await self.describe_stages("warm")
-        ready = all(s.get("model_loaded") for s in stages.values())
-        body = {"status": "ok" if ready else "degraded", "stages": stages}
-        headers = {}
-        if not ready:
-            headers["Retry-After"] = str(ModelNotLoaded.retry_after)
-        return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+        return stage_status(stages, all(s.get("model_loaded") for s in stages.values()))
 
     @app.get("/api/v1/models")
     async def models(self, request: Request):
-        request_id = request_id_of(request)
-        try:
-            self.authorize(request)
-        except LipserveError as exc:
-            return error_response(exc, request_id)
+        if (refused := self.refuse_unauthorized(request)) is not None:
+            return refused
         stages = await self.describe_stages("describe")
         synthetic = any(s.get("synthetic") for s in stages.values())
         return JSONResponse({"stages": stages, "synthetic_weights": synthetic})
