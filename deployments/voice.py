@@ -31,7 +31,7 @@ class VoiceDeployment(StageReplica):
         return VoiceConverter(settings)
 
     async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
-                      deterministic: bool = True) -> StageOutput:
+                      deterministic: bool = False) -> StageOutput:
         data = await resolve(reference)
         variant = self.settings.freevc_variant
         return await self.run_timed("voice", lambda r: variant, convert_voice, self.worker, audio, sample_rate,

@@ -27,7 +27,7 @@ class RequestOptions(BaseModel):
     overwrite: bool = False
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
-    deterministic_voice: bool = Field(True, description="FreeVC prior noise off: identical audio for identical input")
+    deterministic_voice: bool = Field(False, description="FreeVC prior noise off (not FreeVC's own sampling): identical audio for identical input")
 
     @field_validator("pads")
     @classmethod

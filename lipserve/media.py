@@ -297,25 +297,37 @@ def _timeline_frames(container, stream, fps, n_frames, start, stop, counters) ->
 
 
 def _resampled(container, stream, sample_rate: int, max_seconds: float | None) -> np.ndarray:
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    """The stream at `sample_rate`, mono as the mean of its channels.
+
+    The mean is what librosa.load (FreeVC's loader) gives. FFmpeg's own stereo-to-mono matrix
+    weights each channel by 1/sqrt(2), i.e. 3 dB louder than the mean, and the speaker encoder
+    is not level-invariant; so the rate is changed per channel (layout kept) and the channels
+    are averaged here.
+    """
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # layout None: the input's own
     limit = None if max_seconds is None else int(max_seconds * sample_rate)
     # AAC decoders return the encoder's padding of the last frame (up to 1024 samples);
     # the container's stated duration says where the real audio ends.
     if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
         stated = int(round(float(stream.duration * stream.time_base) * sample_rate))
         limit = stated if limit is None else min(limit, stated)
+
+    def mono(frame) -> np.ndarray:
+        planes = frame.to_ndarray()  # [channels, samples], planar float
+        return planes.mean(axis=0, dtype=np.float32) if planes.shape[0] > 1 else planes[0]
+
     chunks, total = [], 0
     for frame in container.decode(stream):
         frame.pts = None  # let the resampler count samples; broken pts must not insert gaps
         for out in resampler.resample(frame):
-            chunk = out.to_ndarray().reshape(-1)
+            chunk = mono(out)
             chunks.append(chunk)
             total += chunk.size
         if max_seconds is not None and total >= limit:
             break
     else:
         for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
+            chunks.append(mono(out))
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if limit is not None:
         audio = audio[:limit]

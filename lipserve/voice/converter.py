@@ -4,9 +4,10 @@ Per request, as FreeVC's `convert.py` does it: 16 kHz source -> WavLM-Large last
 features (content) -> speaker vector of the silence-trimmed reference (the speaker encoder's
 utterance embedding; FreeVC-s: its own mel encoder) -> SynthesizerTrn.infer.
 
-What we add: the speaker vector is cached by the reference's content hash, so a returning
-video skips the speaker encoder; `deterministic=True` switches the prior's noise off so a
-repeated request gives identical audio; long speech goes through WavLM in windows; the
+The prior is sampled with noise at scale 1, as convert.py does, so each conversion differs
+slightly. What we add: the speaker vector is cached by the reference's content hash, so a
+returning video skips the speaker encoder; `deterministic=True` switches the prior's noise off
+(an opt-in: not what FreeVC produces) so a repeated request gives identical audio; long speech goes through WavLM in windows; the
 output is cut or zero-padded to exactly the source duration (the official output can fall
 up to 399 samples short, as WavLM drops the last partial frame).
 """
@@ -101,10 +102,10 @@ class VoiceConverter:
 
         speech = speechlike(seconds, CONTENT_RATE, seed=21)
         speaker = self.embed_speaker(tone(2.0, CONTENT_RATE, frequency=150.0))
-        reduced = self.synthesize(self.content(speech), speaker)
+        reduced = self.synthesize(self.content(speech), speaker, deterministic=True)
         saved, self.autocast = self.autocast, None
         try:
-            full = self.synthesize(self.content(speech), speaker)
+            full = self.synthesize(self.content(speech), speaker, deterministic=True)
         finally:
             self.autocast = saved
         return float(np.abs(reduced - full).max())
@@ -175,7 +176,7 @@ class VoiceConverter:
             mel = reference_mel(wav, self.cfg)
             return self.synthesizer.speaker_vector(mel=mel)[0].float().cpu().numpy()
 
-    def synthesize(self, content: torch.Tensor, speaker: np.ndarray, *, deterministic: bool = True,
+    def synthesize(self, content: torch.Tensor, speaker: np.ndarray, *, deterministic: bool = False,
                    generator: torch.Generator | None = None) -> np.ndarray:
         g = torch.from_numpy(speaker)[None].to(self.device)
         with torch.inference_mode(), self._autocast():
@@ -185,7 +186,7 @@ class VoiceConverter:
     # -- the whole conversion ---------------------------------------------------------------------
 
     def convert(self, speech: np.ndarray, sample_rate: int, reference: np.ndarray, *,
-                deterministic: bool = True) -> VoiceResult:
+                deterministic: bool = False) -> VoiceResult:
         """`speech` (mono, any rate) in the voice of `reference` (16 kHz, trimmed: see reference_from_*).
 
         Output: float32 at cfg.output_sample_rate, exactly as long as the source speech.

@@ -1,8 +1,10 @@
 """The reference voice: the user's own speech, taken from their video's audio track (or a given file).
 
-As FreeVC's `convert.py` does with its target file: 16 kHz mono, leading and trailing silence
-trimmed with `librosa.effects.trim(top_db=20)`. Before that we check there is voiced speech at
-all, since a silent or missing track would otherwise yield an arbitrary "voice".
+As FreeVC's `convert.py` does with its target file: 16 kHz mono (the mean of the channels, as
+`librosa.load` makes it; lipserve.media decodes that way), leading and trailing silence trimmed
+with `librosa.effects.trim(top_db=20)` as FreeVC's pinned librosa 0.8 computes it (see
+`trim_silence`). Before that we check there is voiced speech at all, since a silent or missing
+track would otherwise yield an arbitrary "voice".
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from ..errors import NoVoiceFound
 
 SAMPLE_RATE = 16000
 TRIM_TOP_DB = 20  # convert.py's value
+TRIM_FRAME_LENGTH = 2048  # librosa.effects.trim's defaults, which convert.py keeps
+TRIM_HOP_LENGTH = 512
 MIN_VOICED_SECONDS = 0.25
 SILENCE_DBFS = -55.0  # frames quieter than this (RMS, re full scale) count as silence outright
 RELATIVE_DB = 30.0  # ... and so do frames this far below the loudest frame
@@ -33,6 +37,29 @@ def voiced_seconds(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
     return float(voiced.sum()) * hop / sample_rate
 
 
+def trim_silence(wav: np.ndarray, top_db: float = TRIM_TOP_DB) -> np.ndarray:
+    """Cut leading and trailing frames more than `top_db` below the loudest frame, as librosa 0.8 did.
+
+    Frames are 2048 samples every 512, centred, and their RMS is taken with the signal reflected
+    at both ends. librosa 0.9 changed that padding to zeros (the librosa installed here does so),
+    which halves the power of the first and last frames: speech that starts or stops right at the
+    file's edge then loses up to a frame (32 ms at 16 kHz) that FreeVC keeps.
+    """
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+    if wav.size == 0:
+        return wav
+    rms = librosa.feature.rms(y=wav, frame_length=TRIM_FRAME_LENGTH, hop_length=TRIM_HOP_LENGTH,
+                              center=True, pad_mode="reflect")[0]
+    floor = 1e-5  # librosa's amin for amplitudes (1e-10 in power)
+    level_db = 20 * np.log10(np.maximum(rms, floor)) - 20 * np.log10(max(float(rms.max()), floor))
+    kept = np.flatnonzero(level_db > -top_db)
+    if kept.size == 0:
+        return wav[:0]
+    start = int(kept[0]) * TRIM_HOP_LENGTH
+    stop = min(wav.size, (int(kept[-1]) + 1) * TRIM_HOP_LENGTH)
+    return wav[start:stop]
+
+
 def prepare_reference(wav: np.ndarray | None, what: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Check for voiced speech, then trim silence; NoVoiceFound (422) naming what is missing."""
     if wav is None:
@@ -49,8 +76,7 @@ def prepare_reference(wav: np.ndarray | None, what: str, sample_rate: int = SAMP
         raise NoVoiceFound(
             f"No voiced speech found in the {what}'s audio ({wav.size / sample_rate:.1f} s, peak {peak_db:.0f} dBFS, "
             f"{voiced:.2f} s voiced; at least {MIN_VOICED_SECONDS} s needed). {HINT}")
-    trimmed, _ = librosa.effects.trim(wav, top_db=TRIM_TOP_DB)
-    return np.ascontiguousarray(trimmed, dtype=np.float32)
+    return np.ascontiguousarray(trim_silence(wav), dtype=np.float32)
 
 
 def reference_from_video(data: bytes) -> np.ndarray:
