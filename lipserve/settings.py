@@ -37,6 +37,20 @@ class _YamlSource(PydanticBaseSettingsSource):
         return data
 
 
+def default_weights_dir(package_dir: Path | None = None) -> Path:
+    """Where checkpoints are looked for unless weights_dir is set: never relative to the current folder.
+
+    The project's own weights/ when lipserve runs from its checkout (an editable install: the
+    manifest sits there), else the user's data folder, $XDG_DATA_HOME/lipserve/weights
+    (~/.local/share/lipserve/weights).
+    """
+    checkout = (package_dir or Path(__file__).resolve().parent).parent / "weights"
+    if (checkout / "manifest.toml").is_file():
+        return checkout
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "lipserve" / "weights"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIPSERVE_", extra="forbid")
 
@@ -59,7 +73,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
 
     # weights
-    weights_dir: Path = Field(Path("weights"), description="Where checkpoint files are looked up (see weights/manifest.toml).")
+    weights_dir: Path = Field(default_factory=default_weights_dir, description="Where checkpoint files are looked up (see weights/manifest.toml); default: the checkout's weights/, else ~/.local/share/lipserve/weights.")
     allow_synthetic_weights: bool = Field(False, description="Run the real networks on deterministic synthetic weights when checkpoints are missing (output NOT meaningful; flagged in every response).")
     freevc_variant: Literal["freevc", "freevc-s", "freevc-24"] = Field("freevc", description="Which FreeVC checkpoint the voice stage uses.")
     wav2lip_checkpoint: Literal["wav2lip", "wav2lip_gan"] = Field("wav2lip_gan", description="Which Wav2Lip checkpoint the lip-sync stage uses.")

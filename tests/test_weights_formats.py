@@ -1,4 +1,9 @@
-"""The synthetic-weight rule and the official checkpoint layouts (read/write/check)."""
+"""The synthetic-weight rule, the official checkpoint layouts (read/write/check), where weights are looked for."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +97,34 @@ def test_load_weights_synthetic_and_from_file(tmp_path):
     write_checkpoint(tmp_path / "freevc.pth", "freevc", Tiny(width=5).state_dict())
     with pytest.raises(CheckpointFormatError, match="wrong shape"):
         load_weights(Tiny(), kind="freevc", filename="freevc.pth", weights_dir=tmp_path, allow_synthetic=False, what="t")
+
+
+# -- where the weights are looked for ------------------------------------------------------------
+
+
+def test_default_weights_dir_is_the_checkouts_from_any_folder(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    code = "from lipserve.settings import Settings; print(Settings().weights_dir)"
+    env = {k: v for k, v in os.environ.items() if k != "LIPSERVE_WEIGHTS_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert Path(out) == root / "weights" and (Path(out) / "manifest.toml").is_file()
+
+
+def test_default_weights_dir_outside_a_checkout_is_the_users_data_folder(tmp_path, monkeypatch):
+    from lipserve.settings import default_weights_dir
+
+    installed = tmp_path / "site-packages" / "lipserve"  # a wheel install: no weights/manifest.toml beside it
+    installed.mkdir(parents=True)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_weights_dir(installed) == tmp_path / "data" / "lipserve" / "weights"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_weights_dir(installed) == Path.home() / ".local/share/lipserve/weights"
+
+
+def test_missing_weights_error_names_the_folder_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsMissing) as exc:
+        load_weights(Tiny(), kind="s3fd", filename="s3fd.pth", weights_dir="relative/w", allow_synthetic=False,
+                     what="face detector")
+    assert f"weights folder {tmp_path / 'relative' / 'w'} " in exc.value.message

@@ -31,9 +31,12 @@ def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_d
     path = checkpoint_path(weights_dir, filename)
     if not path.is_file():
         if not allow_synthetic:
+            searched = Path(weights_dir).resolve()
             raise WeightsMissing(
-                f"{what} needs {path} (missing). Fetch it with `lipserve weights fetch {filename}` "
-                f"or place it there by hand; or set LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS=1 to run on synthetic weights (output not meaningful)."
+                f"{what} needs {filename}, which is not in the weights folder {searched} (searched there; "
+                f"settings.weights_dir / LIPSERVE_WEIGHTS_DIR choose it). Fetch it with `lipserve weights fetch "
+                f"{filename}` or place it there by hand; or set LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS=1 to run on "
+                f"synthetic weights (output not meaningful)."
             )
         log.warning(SYNTHETIC_WARNING.format(what=what, file=path))
         fill_synthetic(module)
