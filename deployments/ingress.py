@@ -123,11 +123,12 @@ class RemoteStages:
     async def share(self, data: bytes):
         return put_bytes(data)
 
-    async def synthesize(self, text, language, engine):
-        return await self.ingress.speech.synthesize.remote(text, language, engine)
+    async def synthesize(self, text, language, engine, seed):
+        return await self.ingress.speech.synthesize.remote(text, language, engine, seed)
 
-    async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic):
-        return await self.ingress.voice.convert.remote(audio, sample_rate, reference, reference_is_video, deterministic)
+    async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic, seed):
+        return await self.ingress.voice.convert.remote(audio, sample_rate, reference, reference_is_video,
+                                                       deterministic, seed)
 
     async def plan_faces(self, video, options, frames_needed):
         return await self.ingress.lipsync.plan_faces.remote(video, options, frames_needed)

@@ -28,8 +28,9 @@ class SpeechDeployment(StageReplica):
         synthesizer.preload()  # piper's ONNX session, so the first request does not pay for it
         return synthesizer
 
-    async def synthesize(self, text: str, language: str = "en", engine: str = "auto") -> StageOutput:
-        return await self.run_timed("tts", lambda r: r.engine, self.worker.synthesize, text, language, engine)
+    async def synthesize(self, text: str, language: str = "en", engine: str = "auto",
+                         seed: int | None = None) -> StageOutput:
+        return await self.run_timed("tts", lambda r: r.engine, self.worker.synthesize, text, language, engine, seed)
 
     async def languages(self) -> dict[str, list[str]]:
         return self.worker.languages()

@@ -31,8 +31,8 @@ class VoiceDeployment(StageReplica):
         return VoiceConverter(settings)
 
     async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
-                      deterministic: bool = False) -> StageOutput:
+                      deterministic: bool = False, seed: int | None = None) -> StageOutput:
         data = await resolve(reference)
         variant = self.settings.freevc_variant
         return await self.run_timed("voice", lambda r: variant, convert_voice, self.worker, audio, sample_rate,
-                                    data, reference_is_video, deterministic)
+                                    data, reference_is_video, deterministic, seed)

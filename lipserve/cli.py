@@ -59,6 +59,8 @@ def cmd_run(args) -> int:
         options["face_mode"] = args.face_mode
     if args.reference:
         options["reference_audio"] = _local_uri(args.reference)
+    if args.seed is not None:
+        options["seed"] = args.seed
     request = LipVideoRequest(word=args.text, user_video_gs=_local_uri(args.video),
                               output_video_gs=_local_uri(args.out), tts_lang=args.lang,
                               options=RequestOptions(**options))
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow synthetic weights when checkpoints are missing (output NOT meaningful)")
     run.add_argument("--weights-dir", default=None, help="checkpoint folder (default: settings.weights_dir)")
     run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    run.add_argument("--seed", type=int, default=None,
+                     help="make the random draws (TTS noise, voice prior) reproducible: same seed, same video")
     run.add_argument("--json", action="store_true", help="print the full response as JSON")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)

@@ -28,6 +28,8 @@ class RequestOptions(BaseModel):
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
     deterministic_voice: bool = Field(False, description="FreeVC prior noise off (not FreeVC's own sampling): identical audio for identical input")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Makes the random draws (piper's noise, FreeVC's prior) "
+                             "reproducible: the same request and seed give the same video in any process")
 
     @field_validator("pads")
     @classmethod
@@ -56,6 +58,8 @@ class LipVideoResponse(BaseModel):
     cache: dict[str, bool] = Field(default_factory=dict, description="which per-video work was reused (face_boxes, speaker_embedding)")
     warnings: list[str] = Field(default_factory=list)
     stage_spans: dict[str, list[float]] = Field(default_factory=dict, description="stage -> [start, end] unix seconds, measured where the stage ran")
+    precision: dict[str, str] = Field(default_factory=dict, description="stage -> the precision its networks ran in: fp32, fp16 or bf16")
+    voice_similarity: float | None = Field(None, description="cosine between the speaker embeddings of the voice reference and of the converted speech (speaker encoder of the voice stage); higher = closer to the user's voice")
 
 
 def parse_request(payload: dict) -> LipVideoRequest:

@@ -196,7 +196,8 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
     step_times = {k: round(timer.step_times[k], 4) for k in STAGES if k in timer.step_times}
     step_times["total"] = round(timer.total(), 4)
     synthetic = bool(getattr(outcome.voice, "synthetic_weights", False) or getattr(outcome.sync, "synthetic_weights", False))
-    warnings = list(getattr(outcome.speech, "fallbacks", []) or []) + outcome.extra_warnings
+    warnings = (list(getattr(outcome.speech, "fallbacks", []) or []) + list(getattr(outcome.voice, "warnings", []) or [])
+                + outcome.extra_warnings)
     if synthetic:
         warnings.insert(0, SYNTHETIC_WARNING)
     engines = dict(outcome.engines)
@@ -209,6 +210,8 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
         "speaker_embedding": bool(getattr(outcome.voice, "speaker_cached", False)),
         "tts": bool(getattr(outcome.speech, "cached", False)),
     }
+    precision = {stage: result.precision for stage, result in (("voice", outcome.voice), ("lipsync", outcome.sync))
+                 if getattr(result, "precision", None)}
     return LipVideoResponse(
         request_id=request_id,
         output_video_gs=output_uri,
@@ -219,6 +222,8 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
         cache=cache,
         warnings=warnings,
         stage_spans={k: [round(a, 4), round(b, 4)] for k, (a, b) in timer.spans.items()},
+        precision=precision,
+        voice_similarity=getattr(outcome.voice, "voice_similarity", None),
     )
 
 
@@ -231,9 +236,9 @@ class Stages(Protocol):
     def engines(self) -> dict[str, str]: ...
     async def read(self, fn, *args) -> Any: ...                                   # run blocking storage/probe work
     async def share(self, data: bytes) -> Any: ...                                # bytes -> token the stages accept
-    async def synthesize(self, text: str, language: str, engine: str) -> StageOutput: ...
+    async def synthesize(self, text: str, language: str, engine: str, seed: int | None) -> StageOutput: ...
     async def convert(self, audio, sample_rate: int, reference: Any, reference_is_video: bool,
-                      deterministic: bool) -> StageOutput: ...
+                      deterministic: bool, seed: int | None) -> StageOutput: ...
     async def plan_faces(self, video: Any, options: dict, frames_needed: int | None) -> StageOutput: ...
     async def sync(self, video: Any, audio, sample_rate: int, options: dict, plan: Any) -> StageOutput: ...
 
@@ -276,11 +281,12 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
         return await remote_stage("faces", stages.plan_faces(video_token, pre.lipsync, frames_needed))
 
     async def audio_branch():
-        speech = await remote_stage("tts", stages.synthesize(pre.text, pre.language, pre.engine))
+        seed = request.options.seed
+        speech = await remote_stage("tts", stages.synthesize(pre.text, pre.language, pre.engine, seed))
         speech_seconds = len(speech.audio) / float(speech.sample_rate)
         check_speech(speech_seconds, settings)
         voice = remote_stage("voice", stages.convert(speech.audio, speech.sample_rate, reference_token,
-                                                     reference_is_video, request.options.deterministic_voice))
+                                                     reference_is_video, request.options.deterministic_voice, seed))
         if not track:
             return speech, await voice, None
         # tracking needs a box per output frame: the speech length says how many
@@ -347,12 +353,12 @@ class LocalStages:
     async def share(self, data: bytes):
         return data
 
-    async def synthesize(self, text, language, engine):
-        return await asyncio.to_thread(timed_call, self.tts.synthesize, text, language, engine)
+    async def synthesize(self, text, language, engine, seed):
+        return await asyncio.to_thread(timed_call, self.tts.synthesize, text, language, engine, seed)
 
-    async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic):
+    async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic, seed):
         return await asyncio.to_thread(timed_call, convert_voice, self.voice, audio, sample_rate, reference,
-                                       reference_is_video, deterministic)
+                                       reference_is_video, deterministic, seed)
 
     async def plan_faces(self, video, options, frames_needed):
         from .lipsync import LipSyncOptions
@@ -370,10 +376,11 @@ def write_output(storage, uri: str, data: bytes, overwrite: bool) -> str:
     return storage.write_bytes(uri, data, overwrite=overwrite)
 
 
-def convert_voice(voice, audio, sample_rate: int, reference: bytes, reference_is_video: bool, deterministic: bool):
+def convert_voice(voice, audio, sample_rate: int, reference: bytes, reference_is_video: bool, deterministic: bool,
+                  seed: int | None = None):
     """Reference voice from the source video (or a separate file), then FreeVC. NoVoiceFound 422."""
     ref = voice.reference_from_video(reference) if reference_is_video else voice.reference_from_audio(reference)
-    return voice.convert(audio, sample_rate, ref, deterministic=deterministic)
+    return voice.convert(audio, sample_rate, ref, deterministic=deterministic, seed=seed)
 
 
 def stage_engines(voice_desc: dict, lipsync_desc: dict) -> dict[str, str]:

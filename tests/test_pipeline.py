@@ -117,6 +117,7 @@ def test_pipeline_end_to_end_on_local_paths(local_pipeline):
     assert response.request_id == "local-1"
     assert set(STAGES) | {"total"} == set(response.step_times)
     assert response.synthetic_weights and "SYNTHETIC" in response.warnings[0]
+    assert response.precision["voice"] == "fp32" and -1 <= response.voice_similarity <= 1
     assert {(s, "end") for s in STAGES} <= set(events)
     data = (root / "out" / "a.mp4").read_bytes()
     info = media.probe(data)

@@ -135,6 +135,8 @@ def test_gcs_to_gcs_request_gives_a_valid_mp4(served):
     assert all(v >= 0 for v in body["step_times"].values())
     assert body["synthetic_weights"] is True and "SYNTHETIC" in body["warnings"][0]
     assert {"tts", "voice", "lipsync", "faces"} <= set(body["engines"])
+    # the voice stage says what it ran in (CPU: fp32) and how close the result is to the reference voice
+    assert body["precision"]["voice"] == "fp32" and -1 <= body["voice_similarity"] <= 1
 
     data = served["gcs"].bucket(served["bucket"]).blob("out/first.mp4").download_as_bytes()
     info = media.probe(data)

@@ -155,6 +155,23 @@ def test_cache_hits_by_engine_voice_language_text(tts_settings, piper_engine):
     assert synth.cache.stats()["size"] == 1
 
 
+def test_piper_seed_repeats_one_draw_and_no_seed_draws_afresh_as_piper_does(tts_settings, piper_engine):
+    voice, language = piper_engine.voice_for("en")
+    text = "Hello there, how are you today?"
+    seeded = piper_engine.synthesize(text, voice, language, seed=5).samples
+    assert np.array_equal(seeded, piper_engine.synthesize(text, voice, language, seed=5).samples)
+    assert not np.array_equal(seeded, piper_engine.synthesize(text, voice, language, seed=6).samples)
+    # unseeded: the shared session's noise generator moves on with every call, as in the piper command
+    first = piper_engine.synthesize(text, voice, language).samples
+    assert not np.array_equal(first, piper_engine.synthesize(text, voice, language).samples)
+    # a seeded request neither serves nor takes an unseeded cache entry
+    synth = SpeechSynthesizer(tts_settings(tts_order=["piper"]), engines={"piper": piper_engine})
+    unseeded = synth.synthesize(text, "en")
+    with_seed = synth.synthesize(text, "en", seed=5)
+    assert not with_seed.cached and synth.synthesize(text, "en", seed=5).cached
+    assert not np.array_equal(unseeded.audio, with_seed.audio)
+
+
 def test_speech_longer_than_limit_is_413(tts_settings, piper_engine):
     synth = SpeechSynthesizer(tts_settings(tts_order=["piper"], max_speech_seconds=0.5),
                               engines={"piper": piper_engine})

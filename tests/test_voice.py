@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import librosa
 import numpy as np
 import pytest
 import scipy.io.wavfile
@@ -12,6 +13,7 @@ from lipserve import testmedia
 from lipserve.errors import InvalidAudio, NoVoiceFound
 from lipserve.settings import Settings
 from lipserve.voice import VoiceConverter, VoiceResult, prepare_reference, reference_from_audio, reference_from_video
+from lipserve.voice.reference import reference_warnings, trim_silence
 
 
 def converter_settings(weights_dir, variant: str, **overrides) -> Settings:
@@ -93,7 +95,14 @@ def test_convert_2s_with_3s_reference(converters, variant, rate, speech_2s, refe
     assert result.audio.size == 2 * rate  # we make it exact
     assert result.audio.dtype == np.float32 and np.isfinite(result.audio).all()
     assert np.abs(result.audio).max() <= 1.0 and result.audio.std() > 1e-3
-    assert {"wavlm", "speaker_embedding", "synthesis"} <= set(result.timings)
+    assert {"wavlm", "speaker_embedding", "synthesis", "similarity"} <= set(result.timings)
+    assert result.precision == "fp32" and result.warnings == []
+    # voice_similarity: the cosine of the reference's condition and the output's embedding, same encoder
+    speaker, _ = vc.speaker_vector(prepare_reference(reference_3s, "test"))
+    output16 = result.audio if rate == 16000 else librosa.resample(result.audio, orig_sr=rate, target_sr=16000)
+    embedding = vc.embed_speaker(trim_silence(output16))
+    expected = float(speaker @ embedding) / float(np.linalg.norm(speaker) * np.linalg.norm(embedding))
+    assert result.voice_similarity == pytest.approx(expected, abs=1e-4) and -1 <= result.voice_similarity <= 1
 
 
 def test_speech_at_another_rate_is_resampled(converters, reference_3s):
@@ -138,6 +147,31 @@ def test_noise_is_on_by_default_as_in_convert_py_and_off_on_request(converters, 
     assert np.abs(c - d).max() > 1e-3 and np.abs(a - c).max() > 1e-3
 
 
+def test_a_seed_fixes_the_prior_noise(converters, reference_3s):
+    vc = converters["freevc"]
+    speech = testmedia.speechlike(1.0, 16000, seed=3)
+    a = vc.convert(speech, 16000, reference_3s, seed=11).audio
+    b = vc.convert(speech, 16000, reference_3s, seed=11).audio
+    c = vc.convert(speech, 16000, reference_3s, seed=12).audio
+    quiet = vc.convert(speech, 16000, reference_3s, deterministic=True).audio
+    assert np.array_equal(a, b) and np.abs(a - c).max() > 1e-3 and np.abs(a - quiet).max() > 1e-3
+
+
+def test_thin_references_are_warned_about_but_converted(converters, speech_2s):
+    vc = converters["freevc"]
+    short = prepare_reference(testmedia.speechlike(1.2, 16000, seed=40), "test")
+    result = vc.convert(speech_2s, 16000, short, deterministic=True)
+    assert result.audio.size == 32000
+    assert any("holds only 1.1 s of speech" in w and "1.6 s windows" in w for w in result.warnings)
+    # 2.6 s long, but voiced only in 0.6 s of it: the middle is a hum 50 dB under the peak (under the voiced floor)
+    burst = testmedia.speechlike(0.3, 16000, seed=41)
+    quiet = testmedia.tone(2.0, 16000, frequency=150.0, level=float(np.abs(burst).max()) * 10 ** (-50 / 20))
+    sparse = np.concatenate([burst, quiet, burst]).astype(np.float32)
+    warnings = reference_warnings(sparse)
+    assert len(warnings) == 1 and "little voiced speech" in warnings[0]
+    assert reference_warnings(testmedia.speechlike(3.0, 16000, seed=42)) == []
+
+
 def test_speech_too_short_or_empty_is_invalid_audio(converters, reference_3s):
     with pytest.raises(InvalidAudio, match="at least 25 ms"):
         converters["freevc"].convert(np.zeros(200, np.float32), 16000, reference_3s)
@@ -180,22 +214,44 @@ def test_end_to_end_with_the_real_wavlm_large_architecture(tmp_path, speech_2s, 
         assert vc.content(speech_2s).shape == (1, 1024, 99)
 
 
+@pytest.fixture(scope="module")
+def tts_probe():
+    """A short real-shaped probe for the precision check: two seeded piper sentences (16 kHz)."""
+    from lipserve.tts import SpeechSynthesizer
+
+    tts = SpeechSynthesizer(Settings(tts_order=["piper"]))
+    # the speech is short: bf16 on a CPU without bf16 units is slow; the reference costs only fp32 LSTM time
+    speech = tts.synthesize("Hi there.", "en", seed=0)
+    reference = tts.synthesize("This is how I sound when I talk.", "en", seed=1)
+    return speech.audio, reference.audio, f"piper:{speech.voice}"
+
+
 @pytest.mark.slow
-def test_reduced_precision_is_checked_against_fp32(converters, monkeypatch):
+def test_reduced_precision_is_measured_in_dbfs_on_tts_speech_and_kept_only_within_tolerance(
+        converters, monkeypatch, tts_probe):
     # CPU autocast with bf16 stands in for CUDA fp16/bf16: same code path, the check compares to fp32
     import lipserve.voice.converter as converter_mod
 
     vc = converters["freevc"]
     try:
         vc.autocast = torch.bfloat16
-        gap = vc.autocast_gap(seconds=0.5)
-        assert 0 < gap < 0.1
-        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_ABS_DIFF", gap * 10)
+        gap = vc.autocast_gap(tts_probe)
+        assert gap.finite and gap.probe == "piper:en_US-joe-medium"
+        # bf16 keeps 8 bits of mantissa: a real but small difference, well under the speech itself
+        assert -90 < gap.rms_dbfs < -25 and gap.rms_dbfs < gap.peak_dbfs < 0
+        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_GAP_DBFS", gap.rms_dbfs + 1)
         vc._check_autocast(keep_anyway=False, gap=gap)
-        assert vc.autocast is torch.bfloat16  # close enough: kept
-        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_ABS_DIFF", gap / 10)
+        assert vc.autocast is torch.bfloat16 and vc.precision_name == "bf16"  # close enough: kept
+        result = vc.convert(tts_probe[0][:4000], 16000, tts_probe[1], seed=1)
+        assert result.precision == "bf16"
+        monkeypatch.setattr(converter_mod, "AUTOCAST_MAX_GAP_DBFS", gap.rms_dbfs - 1)
+        vc._check_autocast(keep_anyway=True, gap=gap)
+        assert vc.autocast is torch.bfloat16  # set explicitly: kept, with a warning
+        vc._check_autocast(keep_anyway=False, gap=gap)
+        assert vc.autocast is None and vc.precision_name == "fp32"  # too far from fp32: back to fp32
+        assert vc.describe()["precision_gap"]["rms_dbfs"] == round(gap.rms_dbfs, 1)
         vc.autocast = torch.bfloat16
-        vc._check_autocast(keep_anyway=False, gap=gap)
-        assert vc.autocast is None and vc.precision_gap > 0  # too far from fp32: back to fp32
+        vc._check_autocast(keep_anyway=True, gap=converter_mod.PrecisionGap(0.0, 0.0, "x", finite=False))
+        assert vc.autocast is None  # non-finite output is never kept, even when asked for
     finally:
         vc.autocast, vc.precision_gap = None, None

@@ -95,7 +95,8 @@ class SpeechSynthesizer:
                                field="tts_engine")
         return [engine]
 
-    def synthesize(self, text: str, language: str = "en", engine: str = "auto") -> SpeechResult:
+    def synthesize(self, text: str, language: str = "en", engine: str = "auto", seed: int | None = None) -> SpeechResult:
+        """Speech for `text`; with `seed`, the same audio in any process (see TTSEngine.synthesize)."""
         text = normalize_text(text, self.settings.max_text_chars)
         language = normalize_language(language or "")
         engine = (engine or "auto").strip().lower()
@@ -116,7 +117,8 @@ class SpeechSynthesizer:
 
         fallbacks: list[str] = []
         for i, (name, voice, matched) in enumerate(plans):
-            key = "\0".join((name, voice, matched, text))
+            # a seeded result is one fixed draw, an unseeded one any draw: never serve one for the other
+            key = "\0".join((name, voice, matched, text, "" if seed is None else str(seed)))
             hit = self.cache.get(key)
             if hit is not None:
                 return SpeechResult(audio=hit.audio.copy(), sample_rate=hit.sample_rate, engine=name,
@@ -126,7 +128,7 @@ class SpeechSynthesizer:
                 fallbacks.append(f"{name}: skipped, failed {last[0]:.0f} s ago ({last[1]})")
                 continue
             try:
-                raw = self.engines[name].synthesize(text, voice, matched)
+                raw = self.engines[name].synthesize(text, voice, matched, seed=seed)
             except TTSUnavailable as e:
                 log.warning("tts engine %s failed: %s", name, e.message)
                 fallbacks.append(e.message if e.message.startswith(f"{name}:") else f"{name}: {e.message}")

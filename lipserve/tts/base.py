@@ -81,8 +81,12 @@ class TTSEngine(ABC):
         """(voice name, matched language code) for a requested language; None if unsupported."""
 
     @abstractmethod
-    def synthesize(self, text: str, voice: str, language: str) -> EngineAudio:
-        """Speak already-normalised text with a voice from voice_for()."""
+    def synthesize(self, text: str, voice: str, language: str, seed: int | None = None) -> EngineAudio:
+        """Speak already-normalised text with a voice from voice_for().
+
+        `seed`: an engine that draws random numbers (piper) draws them from it, so the same seed
+        gives the same audio in any process; without it, it behaves as the engine itself does.
+        Deterministic engines ignore it."""
 
     def describe(self) -> dict:
         return {

@@ -68,7 +68,7 @@ class EspeakEngine(TTSEngine):
         matched = match_language(language, self._voices)
         return (self._voices[matched], matched) if matched else None
 
-    def synthesize(self, text: str, voice: str, language: str) -> EngineAudio:
+    def synthesize(self, text: str, voice: str, language: str, seed: int | None = None) -> EngineAudio:
         if not self.available:
             raise TTSUnavailable(f"espeak unavailable: {self._reason}")
         # text on stdin (never argv: a leading '-' would read as an option); -b 1 = UTF-8

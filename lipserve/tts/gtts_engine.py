@@ -123,7 +123,7 @@ class GTTSEngine(TTSEngine):
             out.error = f"unreachable: no complete answer within {budget_s:.3g} s"
         return out
 
-    def synthesize(self, text: str, voice: str, language: str) -> EngineAudio:
+    def synthesize(self, text: str, voice: str, language: str, seed: int | None = None) -> EngineAudio:
         if not self.available:
             raise TTSUnavailable(f"gtts unavailable: {self._reason}")
         deadline = time.monotonic() + self.timeout_s

@@ -7,7 +7,8 @@ utterance embedding; FreeVC-s: its own mel encoder) -> SynthesizerTrn.infer.
 The prior is sampled with noise at scale 1, as convert.py does, so each conversion differs
 slightly. What we add: the speaker vector is cached by the reference's content hash, so a
 returning video skips the speaker encoder; `deterministic=True` switches the prior's noise off
-(an opt-in: not what FreeVC produces) so a repeated request gives identical audio; long speech goes through WavLM in windows; the
+(an opt-in: not what FreeVC produces) so a repeated request gives identical audio; `seed` draws
+the noise from a generator of its own (same seed, same audio in any process); long speech goes through WavLM in windows; the
 output is cut or zero-padded to exactly the source duration (the official output can fall
 up to 399 samples short, as WavLM drops the last partial frame).
 """
@@ -24,7 +25,7 @@ import torch
 
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
-from ..errors import InvalidAudio
+from ..errors import InvalidAudio, LipserveError
 from ..models.freevc_configs import freevc_config
 from ..settings import Settings
 from . import reference as reference_mod
@@ -34,11 +35,57 @@ log = logging.getLogger("lipserve.voice")
 
 CONTENT_RATE = 16000  # WavLM and the speaker encoder both take 16 kHz
 MIN_SPEECH_SAMPLES = 400  # one WavLM frame
-# Reduced precision (CUDA autocast) is kept only while a test conversion at load stays this close to
-# fp32 (max absolute difference of the waveform, full scale 1.0); otherwise precision "auto" falls back
-# to fp32. Measured with CPU autocast (same casts) on the synthetic weights, WavLM-Large + FreeVC, 1 s of
-# speech: fp16 2.3e-3, bf16 1.6e-2. Not measured on a GPU.
-AUTOCAST_MAX_ABS_DIFF = 0.02
+# Reduced precision (CUDA autocast) is kept only while, at load, converting real speech (two TTS
+# sentences) with noise off differs from fp32 by at most this much: the RMS of the difference waveform,
+# in dB re full scale; otherwise precision "auto" falls back to fp32. Why -60: it is 40 dB under the
+# speech (the TTS delivers -20 dBFS), about the error the delivered file carries anyway, as the AAC
+# encoder's own coding error on that speech measured -62 dBFS RMS here. Measured with CPU autocast (the
+# same casts) on synthetic weights, WavLM-Large + FreeVC, 2.7 s of piper speech: fp16 -66.2 dBFS (peak
+# -52.9), bf16 -48.7 dBFS (peak -34.7), so bf16 falls back. Not yet measured on a GPU or real weights;
+# the check runs at every load, so real checkpoints are judged on their own figures.
+AUTOCAST_MAX_GAP_DBFS = -60.0
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests in the shade."
+PROBE_REFERENCE_TEXT = "I would like to hear how my own voice sounds when somebody else speaks."
+
+
+FLOOR_DBFS = -200.0  # what an exact match reads as (keeps the figures finite, for JSON)
+
+
+def dbfs(x: np.ndarray) -> float:
+    """RMS level in dB re full scale (1.0), floored at FLOOR_DBFS."""
+    power = float(np.mean(np.square(np.asarray(x, dtype=np.float64)))) if np.size(x) else 0.0
+    return max(FLOOR_DBFS, 10 * np.log10(power)) if power > 0 else FLOOR_DBFS
+
+
+@dataclass
+class PrecisionGap:
+    """How far a reduced-precision conversion lies from fp32 (dBFS of the difference waveform)."""
+
+    rms_dbfs: float
+    peak_dbfs: float
+    probe: str  # what was converted: "piper:<voice>", "espeak:<voice>" or "speech-like test signal"
+    finite: bool = True
+
+    def within(self, limit_dbfs: float) -> bool:
+        return self.finite and self.rms_dbfs <= limit_dbfs
+
+
+def probe_speech(settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
+    """(speech, reference, what): two sentences from the offline TTS (seeded, so every load checks the
+    same audio), 16 kHz; speech-like test signals when no offline engine speaks English here."""
+    from ..tts import SpeechSynthesizer
+
+    offline = [name for name in settings.tts_order if name != "gtts"] or ["piper", "espeak"]
+    try:
+        tts = SpeechSynthesizer(settings.model_copy(update={"tts_order": offline}))
+        speech = tts.synthesize(PROBE_TEXT, "en", seed=0)
+        reference = tts.synthesize(PROBE_REFERENCE_TEXT, "en", seed=1)
+    except LipserveError as exc:
+        from ..testmedia import speechlike
+
+        log.warning("voice: no offline TTS for the precision check (%s); using speech-like test signals", exc)
+        return speechlike(4.0, CONTENT_RATE, seed=21), speechlike(4.0, CONTENT_RATE, seed=22), "speech-like test signal"
+    return speech.audio, reference.audio, f"{speech.engine}:{speech.voice}"
 
 
 @dataclass
@@ -48,6 +95,10 @@ class VoiceResult:
     speaker_cached: bool
     timings: dict[str, float] = field(default_factory=dict)  # seconds: resample, wavlm, speaker_embedding, synthesis
     synthetic_weights: bool = False
+    precision: str = "fp32"  # what the networks ran in: fp32, fp16 or bf16 (autocast)
+    # cosine between the reference's speaker embedding and the converted speech's (same encoder)
+    voice_similarity: float | None = None
+    warnings: list[str] = field(default_factory=list)  # about the reference voice
 
 
 class VoiceConverter:
@@ -90,39 +141,47 @@ class VoiceConverter:
         self.wavlm_chunk_frames = 1000
         self.wavlm_context_frames = 250
         self.speaker_embeddings_computed = 0  # how often the speaker encoder actually ran (cache misses)
-        self.precision_gap: float | None = None
+        self.precision_gap: PrecisionGap | None = None
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
 
-    def autocast_gap(self, seconds: float = 1.0) -> float:
-        """Max |autocast - fp32| of a deterministic test conversion with the loaded weights."""
-        from ..testmedia import speechlike, tone
-
-        speech = speechlike(seconds, CONTENT_RATE, seed=21)
-        speaker = self.embed_speaker(tone(2.0, CONTENT_RATE, frequency=150.0))
+    def autocast_gap(self, probe: tuple[np.ndarray, np.ndarray, str] | None = None) -> PrecisionGap:
+        """The current autocast dtype against fp32, on real speech (`probe_speech`) converted with noise off."""
+        speech, reference, what = probe if probe is not None else probe_speech(self.settings)
+        speaker = self.embed_speaker(reference_mod.trim_silence(reference))
         reduced = self.synthesize(self.content(speech), speaker, deterministic=True)
         saved, self.autocast = self.autocast, None
         try:
             full = self.synthesize(self.content(speech), speaker, deterministic=True)
         finally:
             self.autocast = saved
-        return float(np.abs(reduced - full).max())
+        if not np.isfinite(reduced).all():  # an fp16 overflow: no figure, and never kept
+            return PrecisionGap(rms_dbfs=0.0, peak_dbfs=0.0, probe=what, finite=False)
+        difference = reduced.astype(np.float64) - full
+        peak = float(np.abs(difference).max())
+        return PrecisionGap(rms_dbfs=dbfs(difference), peak_dbfs=max(FLOOR_DBFS, 20 * np.log10(peak)) if peak > 0
+                            else FLOOR_DBFS, probe=what)
 
-    def _check_autocast(self, keep_anyway: bool, gap: float | None = None) -> None:
+    def _check_autocast(self, keep_anyway: bool, gap: PrecisionGap | None = None) -> None:
         """Keep the autocast dtype if `gap` (measured now when not given) is within the tolerance."""
         self.precision_gap = self.autocast_gap() if gap is None else gap
-        if self.precision_gap <= AUTOCAST_MAX_ABS_DIFF:
-            log.info("voice: %s autocast within %.3g of fp32 (tolerance %.3g)", self.autocast, self.precision_gap,
-                     AUTOCAST_MAX_ABS_DIFF)
-        elif keep_anyway:
-            log.warning("voice: %s autocast differs from fp32 by %.3g (tolerance %.3g); kept because precision "
-                        "was set explicitly", self.autocast, self.precision_gap, AUTOCAST_MAX_ABS_DIFF)
+        gap = self.precision_gap
+        figures = (f"{self.autocast} autocast differs from fp32 by {gap.rms_dbfs:.1f} dBFS RMS (peak "
+                   f"{gap.peak_dbfs:.1f} dBFS)" if gap.finite else f"{self.autocast} autocast gives non-finite audio")
+        figures += f" on {gap.probe}; tolerance {AUTOCAST_MAX_GAP_DBFS:g} dBFS RMS"
+        if self.precision_gap.within(AUTOCAST_MAX_GAP_DBFS):
+            log.info("voice: %s: kept", figures)
+        elif keep_anyway and self.precision_gap.finite:
+            log.warning("voice: %s: kept because precision was set explicitly", figures)
         else:
-            log.warning("voice: %s autocast differs from fp32 by %.3g (tolerance %.3g); using fp32",
-                        self.autocast, self.precision_gap, AUTOCAST_MAX_ABS_DIFF)
+            log.warning("voice: %s: using fp32", figures)
             self.autocast = None
+
+    @property
+    def precision_name(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast]
 
     # -- the reference voice -------------------------------------------------------------------
 
@@ -186,7 +245,7 @@ class VoiceConverter:
     # -- the whole conversion ---------------------------------------------------------------------
 
     def convert(self, speech: np.ndarray, sample_rate: int, reference: np.ndarray, *,
-                deterministic: bool = False) -> VoiceResult:
+                deterministic: bool = False, seed: int | None = None) -> VoiceResult:
         """`speech` (mono, any rate) in the voice of `reference` (16 kHz, trimmed: see reference_from_*).
 
         Output: float32 at cfg.output_sample_rate, exactly as long as the source speech.
@@ -212,22 +271,47 @@ class VoiceConverter:
         timings["speaker_embedding"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        audio = self.synthesize(content, speaker, deterministic=deterministic)
+        # without a seed the noise comes from torch's global generator, as in convert.py
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        audio = self.synthesize(content, speaker, deterministic=deterministic, generator=generator)
         timings["synthesis"] = time.perf_counter() - start
 
         out_rate = self.cfg.output_sample_rate
         target = int(round(speech.size * out_rate / CONTENT_RATE))
         audio = audio[:target] if audio.size >= target else np.pad(audio, (0, target - audio.size))
-        return VoiceResult(np.ascontiguousarray(audio, dtype=np.float32), out_rate, cached, timings, self.synthetic_weights)
+
+        start = time.perf_counter()
+        similarity = self.similarity(speaker, audio, out_rate)
+        timings["similarity"] = time.perf_counter() - start
+        return VoiceResult(np.ascontiguousarray(audio, dtype=np.float32), out_rate, cached, timings,
+                           self.synthetic_weights, precision=self.precision_name, voice_similarity=similarity,
+                           warnings=reference_mod.reference_warnings(reference))
+
+    def similarity(self, speaker: np.ndarray, audio: np.ndarray, sample_rate: int) -> float | None:
+        """Cosine between a reference's speaker condition and the embedding of converted speech, by the
+        encoder already loaded (FreeVC's speaker encoder; FreeVC-s's own mel encoder); None if silent."""
+        wav = np.asarray(audio, dtype=np.float32)
+        if sample_rate != CONTENT_RATE:
+            wav = librosa.resample(wav, orig_sr=sample_rate, target_sr=CONTENT_RATE).astype(np.float32)
+        wav = reference_mod.trim_silence(wav)  # as the reference was
+        if wav.size < MIN_SPEECH_SAMPLES or not np.abs(wav).max() > 0:
+            return None
+        embedding = self.embed_speaker(wav)
+        norms = float(np.linalg.norm(speaker) * np.linalg.norm(embedding))
+        return round(float(np.dot(speaker, embedding)) / norms, 4) if norms > 0 else None
 
     def describe(self) -> dict:
         return {
             "variant": self.variant,
             "device": str(self.device),
-            "precision": str(self.autocast).replace("torch.", "") if self.autocast else "fp32",
+            "precision": self.precision_name,
             "sample_rate": self.cfg.output_sample_rate,
             "synthetic_weights": self.synthetic_weights,
             "load_seconds": round(self.load_seconds, 3),
-            "autocast_max_abs_diff": self.precision_gap,
+            # reduced precision against fp32 at load (CUDA only): dBFS of the difference, and on what
+            "precision_gap": None if self.precision_gap is None else {
+                "rms_dbfs": round(self.precision_gap.rms_dbfs, 1) if self.precision_gap.finite else None,
+                "peak_dbfs": round(self.precision_gap.peak_dbfs, 1) if self.precision_gap.finite else None,
+                "probe": self.precision_gap.probe, "tolerance_dbfs": AUTOCAST_MAX_GAP_DBFS},
             "speaker_cache": self.speaker_cache.stats(),
         }

@@ -21,6 +21,9 @@ MIN_VOICED_SECONDS = 0.25
 SILENCE_DBFS = -55.0  # frames quieter than this (RMS, re full scale) count as silence outright
 RELATIVE_DB = 30.0  # ... and so do frames this far below the loudest frame
 MAX_VOICED_ZCR = 0.3  # white noise crosses zero on ~half the samples; voiced speech far less often
+# below these the speaker embedding rests on little evidence: the response warns (the request still runs)
+SHORT_REFERENCE_SECONDS = 1.6  # the speaker encoder's window; shorter speech is zero-padded to fill it
+LITTLE_VOICED_SECONDS = 1.0  # of voiced 25 ms frames (see voiced_seconds), after trimming
 HINT = ("The voice stage clones the speaker's voice from it. Use a video in which the person speaks, "
         "or name a separate recording of their voice in `options.reference_audio`.")
 
@@ -77,6 +80,22 @@ def prepare_reference(wav: np.ndarray | None, what: str, sample_rate: int = SAMP
             f"No voiced speech found in the {what}'s audio ({wav.size / sample_rate:.1f} s, peak {peak_db:.0f} dBFS, "
             f"{voiced:.2f} s voiced; at least {MIN_VOICED_SECONDS} s needed). {HINT}")
     return np.ascontiguousarray(trim_silence(wav), dtype=np.float32)
+
+
+def reference_warnings(reference: np.ndarray, sample_rate: int = SAMPLE_RATE) -> list[str]:
+    """What the response should say about a trimmed reference that is usable but thin."""
+    warnings = []
+    seconds = reference.size / sample_rate
+    if seconds < SHORT_REFERENCE_SECONDS:
+        warnings.append(f"The voice reference holds only {seconds:.1f} s of speech after trimming silence; the "
+                        f"speaker encoder looks at {SHORT_REFERENCE_SECONDS} s windows, so the cloned voice may be "
+                        f"off. Use a video (or options.reference_audio) with a few seconds of speech.")
+    voiced = voiced_seconds(reference, sample_rate)
+    if voiced < LITTLE_VOICED_SECONDS:
+        warnings.append(f"The voice reference has little voiced speech ({voiced:.2f} s; {LITTLE_VOICED_SECONDS} s "
+                        f"or more recommended), so the cloned voice may be off. Use a recording in which the person "
+                        f"speaks clearly.")
+    return warnings
 
 
 def reference_from_video(data: bytes) -> np.ndarray:
