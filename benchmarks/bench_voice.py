@@ -6,7 +6,12 @@ meaningful. Prints one table; nothing is asserted.
 
     .venv/bin/python benchmarks/bench_voice.py                       # CPU, fp32, 2 s and 10 s
     .venv/bin/python benchmarks/bench_voice.py --from-files          # also time loading official-format files
-    .venv/bin/python benchmarks/bench_voice.py --device cuda --precision fp16   # + max |fp16 - fp32| of the output
+    .venv/bin/python benchmarks/bench_voice.py --device cuda --precision fp16   # + the fp16 gap to fp32 (dBFS)
+    .venv/bin/python benchmarks/bench_voice.py --seconds 2 --gap bf16 fp16      # gaps with CPU autocast (slow)
+
+The precision gap is the one the stage checks at load: two seeded TTS sentences converted with
+noise off, RMS (and peak) of the difference to fp32 in dBFS; the stage keeps reduced precision
+only at or under AUTOCAST_MAX_GAP_DBFS (-60 dBFS).
 
 For comparison, the official FreeVC code on this 2-core machine: WavLM-Large 0.68 s and
 SynthesizerTrn 0.47 s for 2 s of audio (1.35 s and 1.13 s for 5 s), ../shared/FACTS.md.
@@ -19,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
     ap.add_argument("--from-files", action="store_true", help="also time loading official-format files (writes ~1.4 GB to a temp dir)")
+    ap.add_argument("--gap", nargs="*", default=[], choices=["fp16", "bf16"],
+                    help="also measure these autocast dtypes against fp32 on this device (on a CPU: CPU autocast)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,26 +100,38 @@ def main() -> None:
     rows.append((f"speaker embedding, uncached ({args.reference_seconds:g} s reference)", t_uncached))
     rows.append(("speaker embedding, cached", t_cached))
 
-    fp32_gap = {}
     for seconds in args.seconds:
         speech = testmedia.speechlike(seconds, 16000, seed=5)
         t_wavlm, content = best_of(lambda: vc.content(speech), args.repeat)
-        t_synth, audio = best_of(lambda: vc.synthesize(content, speaker), args.repeat)
+        t_synth, _ = best_of(lambda: vc.synthesize(content, speaker), args.repeat)
         t_total, _ = best_of(lambda: vc.convert(speech, 16000, reference), args.repeat)
         rows += [(f"WavLM, {seconds:g} s speech", t_wavlm), (f"synthesis, {seconds:g} s speech", t_synth),
                  (f"convert() total, {seconds:g} s speech (speaker cached)", t_total)]
-        if vc.autocast is not None:  # same content path in fp32, for the tolerance figure
-            saved, vc.autocast = vc.autocast, None
-            reference_audio = vc.synthesize(vc.content(speech), speaker)
-            vc.autocast = saved
-            fp32_gap[seconds] = float(np.abs(audio - reference_audio).max())
+
+    from lipserve.voice.converter import AUTOCAST_MAX_GAP_DBFS, probe_speech
+
+    gaps = {}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    wanted = [vc.autocast] if vc.autocast is not None else []
+    wanted += [dtypes[name] for name in args.gap if dtypes[name] not in wanted]
+    if wanted:
+        probe = probe_speech(settings)
+        saved = vc.autocast
+        for dtype in wanted:
+            vc.autocast = dtype
+            start = time.perf_counter()
+            gaps[str(dtype).replace("torch.", "")] = (vc.autocast_gap(probe), time.perf_counter() - start)
+        vc.autocast = saved
 
     print(f"voice benchmark: {args.variant} on {vc.device} ({vc.describe()['precision']}), torch threads "
           f"{torch.get_num_threads()}, best of {args.repeat}, synthetic weights")
     for name, sec in rows:
         print(f"  {name:<52}{sec:8.3f} s")
-    for seconds, gap in fp32_gap.items():
-        print(f"  max |{vc.describe()['precision']} - fp32| of the output, {seconds:g} s speech: {gap:.2e}")
+    for name, (gap, seconds) in gaps.items():
+        verdict = "kept" if gap.within(AUTOCAST_MAX_GAP_DBFS) else "falls back to fp32"
+        print(f"  {name} - fp32 on {gap.probe} ({probe[0].size / 16000:.2f} s, noise off): "
+              f"{gap.rms_dbfs:.1f} dBFS RMS, peak {gap.peak_dbfs:.1f} dBFS -> {verdict} "
+              f"(tolerance {AUTOCAST_MAX_GAP_DBFS:g}); measured in {seconds:.1f} s")
     print("  (official FreeVC here: WavLM-Large 0.68 s, synthesis 0.47 s for 2 s of audio)")
 
 

@@ -127,4 +127,4 @@ def test_missing_weights_error_names_the_folder_searched(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissing) as exc:
         load_weights(Tiny(), kind="s3fd", filename="s3fd.pth", weights_dir="relative/w", allow_synthetic=False,
                      what="face detector")
-    assert f"weights folder {tmp_path / 'relative' / 'w'} " in exc.value.message
+    assert f"weights folder searched: {tmp_path / 'relative' / 'w'};" in exc.value.message
