@@ -8,9 +8,11 @@ The prior is sampled with noise at scale 1, as convert.py does, so each conversi
 slightly. What we add: the speaker vector is cached by the reference's content hash, so a
 returning video skips the speaker encoder; `deterministic=True` switches the prior's noise off
 (an opt-in: not what FreeVC produces) so a repeated request gives identical audio; `seed` draws
-the noise from a generator of its own (same seed, same audio in any process); long speech goes through WavLM in windows; the
-output is cut or zero-padded to exactly the source duration (the official output can fall
-up to 399 samples short, as WavLM drops the last partial frame).
+the noise from a generator of its own (same seed, same audio in any process); long speech goes
+through WavLM in windows; the output is cut or zero-padded to exactly the source duration (the
+official output can fall up to 399 samples short, as WavLM drops the last partial frame); the
+result carries the precision that ran, a voice-similarity figure and warnings about a thin
+reference.
 """
 from __future__ import annotations
 
@@ -46,8 +48,6 @@ MIN_SPEECH_SAMPLES = 400  # one WavLM frame
 AUTOCAST_MAX_GAP_DBFS = -60.0
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests in the shade."
 PROBE_REFERENCE_TEXT = "I would like to hear how my own voice sounds when somebody else speaks."
-
-
 FLOOR_DBFS = -200.0  # what an exact match reads as (keeps the figures finite, for JSON)
 
 
