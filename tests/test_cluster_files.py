@@ -141,3 +141,26 @@ def test_weights_dir_agrees_between_image_and_serve_config():
 def test_build_context_leaves_out_local_checkpoints_and_venv():
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split("\n")
     assert "weights/*" in ignore and "!weights/manifest.toml" in ignore and ".venv" in ignore
+
+
+def test_cluster_readme_recipe_matches_the_files():
+    readme = (CLUSTER / "README.md").read_text()
+    base = (CLUSTER / "rayservice.base.yaml").read_text()
+    chart = re.search(r"helm install kuberay-operator kuberay/kuberay-operator --version (\S+)", readme).group(1)
+    assert f"KubeRay {chart}" in base  # the operator version the RayService was written against
+    create = next(line for line in readme.splitlines() if "gcloud container clusters create" in line)
+    assert "--zone=" in create and "--region" not in create  # zonal: node counts are totals
+    autoscaled = [line for line in readme.splitlines() if "--enable-autoscaling" in line]
+    assert len(autoscaled) == 2 and all("--total-min-nodes=" in line and "--min-nodes=" not in
+                                        line.replace("--total-min-nodes=", "") for line in autoscaled)
+    default_index = re.search(r"TORCH_INDEX_URL=\$\{TORCH_INDEX_URL:-([^}]+)\}", (CLUSTER / "install.sh").read_text()).group(1)
+    assert default_index.rsplit("/", 1)[1] in readme  # the CUDA index it explains is the one used
+    # the render command the README gives parses with the script's own options
+    render = re.search(r"python cluster/render_rayservice.py (--serve-config \S+ --image \S+ --output -)", readme)
+    assert render, "README should render with --serve-config, --image and --output -"
+    with pytest.raises(SystemExit) as usage:  # argparse refuses unknown options with exit status 2
+        render_rayservice.main(["--no-such-option"])
+    assert usage.value.code == 2
+    args = render.group(1).replace("$IMAGE", "example.com/lipserve:v1").split()
+    args[-1] = str(Path("/dev/null"))  # parse the README's options, write nowhere that matters
+    assert render_rayservice.main([a if a != "serve_config.single-gpu.yaml" else str(ROOT / a) for a in args]) == 0
