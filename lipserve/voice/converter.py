@@ -92,8 +92,19 @@ class VoiceConverter:
         self.precision_gap: float | None = None
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
+        self._choose_fast_paths(settings)
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
+
+    def _choose_fast_paths(self, settings: Settings) -> None:
+        """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
+        from ..fast import fast_synthesizer, fast_wavlm
+
+        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
+        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.wavlm_backend, self.device, threads, cache)
+        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.synthesizer_backend,
+                                                                 self.device, threads, cache)
+        self.fast_paths = {"wavlm": wavlm_report.as_dict(), "synthesizer": synth_report.as_dict()}
 
     def autocast_gap(self, seconds: float = 1.0) -> float:
         """Max |autocast - fp32| of a deterministic test conversion with the loaded weights."""
@@ -144,9 +155,10 @@ class VoiceConverter:
         with torch.inference_mode(), self._autocast():
             if hasattr(self.wavlm, "extract_features_chunked"):
                 features = self.wavlm.extract_features_chunked(
-                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames)
+                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames,
+                    extract=self.content_encoder.extract_features)
             else:
-                features = self.wavlm.extract_features(wav)
+                features = self.content_encoder.extract_features(wav)
         return features.float().transpose(1, 2)
 
     def speaker_vector(self, reference: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -179,7 +191,7 @@ class VoiceConverter:
                    generator: torch.Generator | None = None) -> np.ndarray:
         g = torch.from_numpy(speaker)[None].to(self.device)
         with torch.inference_mode(), self._autocast():
-            out = self.synthesizer.infer(content, g=g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
+            out = self.synthesizer_runner.infer(content, g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
         return out[0, 0].float().cpu().numpy()
 
     # -- the whole conversion ---------------------------------------------------------------------
@@ -228,5 +240,6 @@ class VoiceConverter:
             "synthetic_weights": self.synthetic_weights,
             "load_seconds": round(self.load_seconds, 3),
             "autocast_max_abs_diff": self.precision_gap,
+            "fast_paths": self.fast_paths,
             "speaker_cache": self.speaker_cache.stats(),
         }
