@@ -247,7 +247,7 @@ def fast_wavlm(model: nn.Module, choice: str, device, threads: int, cache_dir: P
     return backend.choose("wavlm", choice, device, model, lambda: FastWavLM(model, threads, cache_dir), check)
 
 
-class _EagerSynthesizer:
+class EagerSynthesizer:
     """The eager module behind the same .infer(c, g, noise_scale, generator) call as FastSynthesizer."""
 
     backend = "eager"
@@ -269,7 +269,7 @@ def fast_synthesizer(net: nn.Module, choice: str, device, threads: int, cache_di
         worst = min(synthesizer_error(net, fast, c, g), synthesizer_error(net, fast, c, g, noise_seed=5))
         return _checked("synthesizer", worst)
 
-    return backend.choose(f"synthesizer ({net.cfg.name})", choice, device, _EagerSynthesizer(net),
+    return backend.choose(f"synthesizer ({net.cfg.name})", choice, device, EagerSynthesizer(net),
                           lambda: FastSynthesizer(net, threads, cache_dir), check)
 
 

@@ -288,7 +288,7 @@ class LipSyncer:
             with self._model_lock, torch.inference_mode():
                 if self.autocast is not None:
                     with torch.autocast(self.device.type, dtype=self.autocast):
-                        predictions = self.lip_model(windows, face_input.to(self.device))
+                        predictions = self.model(windows, face_input.to(self.device))  # autocast: eager only
                 else:
                     predictions = self.lip_model(windows, face_input.to(self.device))
                 if self.device.type == "cuda":
