@@ -27,6 +27,8 @@ class RequestOptions(BaseModel):
     overwrite: bool = False
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
+    audio: str | None = Field(None, description="gs:// or local path of the speech to say, instead of text-to-speech "
+                                               "(any audio or video file; `word` may then be empty)")
     deterministic_voice: bool = Field(False, description="FreeVC prior noise off (not FreeVC's own sampling): identical audio for identical input")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Makes the random draws (piper's noise, FreeVC's prior) "
                              "reproducible: the same request and seed give the same video in any process")

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
     torch_threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
+    wavlm_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="WavLM execution: auto = the OpenVINO fp32 graph on CPU when installed and within its bound, else eager.")
+    synthesizer_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="FreeVC SynthesizerTrn execution (as wavlm_backend).")
+    wav2lip_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="Wav2Lip execution (as wavlm_backend).")
+    s3fd_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="S3FD execution (as wavlm_backend).")
+    fast_cache_dir: Path | None = Field(Path("~/.cache/lipserve/openvino"), description="Where converted OpenVINO graphs are kept between starts (keyed by a hash of the weights); empty = convert at every start.")
 
     # weights
     weights_dir: Path = Field(default_factory=default_weights_dir, description="Where checkpoint files are looked up (see weights/manifest.toml); default: the checkout's weights/, else ~/.local/share/lipserve/weights.")
@@ -95,6 +100,19 @@ class Settings(BaseSettings):
     # serving
     auth_token: str | None = Field(None, description="When set, requests need `Authorization: Bearer <token>`.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress.")
+
+    @field_validator("fast_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def cpu_threads(self) -> int:
+        """Threads a stage's CPU kernels may use: torch_threads, or torch's default."""
+        if self.torch_threads:
+            return self.torch_threads
+        import torch
+
+        return torch.get_num_threads()
 
     @field_validator("allowed_buckets", "tts_order", mode="before")
     @classmethod

@@ -37,6 +37,7 @@ log = logging.getLogger("lipserve.voice")
 
 CONTENT_RATE = 16000  # WavLM and the speaker encoder both take 16 kHz
 MIN_SPEECH_SAMPLES = 400  # one WavLM frame
+REFERENCE_CACHE_ENTRIES = 32  # trimmed reference voices by video hash (up to 60 s x 64 kB/s = 3.8 MB each)
 # Reduced precision (CUDA autocast) is kept only while, at load, converting real speech (two TTS
 # sentences) with noise off differs from fp32 by at most this much: the RMS of the difference waveform,
 # in dB re full scale; otherwise precision "auto" falls back to fp32. Why -60: it is 40 dB under the
@@ -136,16 +137,39 @@ class VoiceConverter:
         self.synthetic_weights = any(synthetic)
         self.load_seconds = time.perf_counter() - start
         self.speaker_cache: LRUCache[np.ndarray] = LRUCache(settings.speaker_cache_size)
+        self.reference_cache: LRUCache[np.ndarray] = LRUCache(REFERENCE_CACHE_ENTRIES)
         # speech longer than chunk + 2 * context frames (30 s) goes through WavLM in windows, which bounds
         # attention memory (it grows with frames squared); shorter speech takes the exact single pass
         self.wavlm_chunk_frames = 1000
         self.wavlm_context_frames = 250
         self.speaker_embeddings_computed = 0  # how often the speaker encoder actually ran (cache misses)
         self.precision_gap: PrecisionGap | None = None
+        self._choose_fast_paths(settings)  # before the autocast check: its fp32 side runs through the runners
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
+
+    def _choose_fast_paths(self, settings: Settings) -> None:
+        """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
+        from ..fast import fast_synthesizer, fast_wavlm
+
+        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
+        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.wavlm_backend, self.device, threads, cache)
+        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.synthesizer_backend,
+                                                                 self.device, threads, cache)
+        self.fast_paths = {"wavlm": wavlm_report.as_dict(), "synthesizer": synth_report.as_dict()}
+
+    # autocast (reduced precision, a CUDA feature) applies to the eager modules; the fast graphs are CPU fp32
+    def _content_runner(self):
+        return self.content_encoder if self.autocast is None else self.wavlm
+
+    def _synthesis_runner(self):
+        if self.autocast is None:
+            return self.synthesizer_runner
+        from ..fast.networks import EagerSynthesizer
+
+        return EagerSynthesizer(self.synthesizer)
 
     def autocast_gap(self, probe: tuple[np.ndarray, np.ndarray, str] | None = None) -> PrecisionGap:
         """The current autocast dtype against fp32, on real speech (`probe_speech`) converted with noise off."""
@@ -186,7 +210,15 @@ class VoiceConverter:
     # -- the reference voice -------------------------------------------------------------------
 
     def reference_from_video(self, video: bytes) -> np.ndarray:
-        return reference_mod.reference_from_video(video)
+        """The trimmed reference voice of a video, remembered by the video's hash: a returning video's
+        speaker embedding is cached under the reference's own hash, so without this every request would
+        decode, resample and trim the audio track again just to find that key."""
+        key = content_key(video)
+        reference = self.reference_cache.get(key)
+        if reference is None:
+            reference = reference_mod.reference_from_video(video)
+            self.reference_cache.put(key, reference)
+        return reference
 
     def reference_from_audio(self, data: bytes) -> np.ndarray:
         return reference_mod.reference_from_audio(data)
@@ -204,9 +236,10 @@ class VoiceConverter:
         with torch.inference_mode(), self._autocast():
             if hasattr(self.wavlm, "extract_features_chunked"):
                 features = self.wavlm.extract_features_chunked(
-                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames)
+                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames,
+                    extract=self._content_runner().extract_features)
             else:
-                features = self.wavlm.extract_features(wav)
+                features = self._content_runner().extract_features(wav)
         return features.float().transpose(1, 2)
 
     def speaker_vector(self, reference: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -239,7 +272,7 @@ class VoiceConverter:
                    generator: torch.Generator | None = None) -> np.ndarray:
         g = torch.from_numpy(speaker)[None].to(self.device)
         with torch.inference_mode(), self._autocast():
-            out = self.synthesizer.infer(content, g=g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
+            out = self._synthesis_runner().infer(content, g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
         return out[0, 0].float().cpu().numpy()
 
     # -- the whole conversion ---------------------------------------------------------------------
@@ -313,5 +346,6 @@ class VoiceConverter:
                 "rms_dbfs": round(self.precision_gap.rms_dbfs, 1) if self.precision_gap.finite else None,
                 "peak_dbfs": round(self.precision_gap.peak_dbfs, 1) if self.precision_gap.finite else None,
                 "probe": self.precision_gap.probe, "tolerance_dbfs": AUTOCAST_MAX_GAP_DBFS},
+            "fast_paths": self.fast_paths,
             "speaker_cache": self.speaker_cache.stats(),
         }
