@@ -241,7 +241,7 @@ class LipSyncer:
         t = time.perf_counter()
         steps = {"model": 0.0, "paste": 0.0}
         out_frames = self._synced_frames(frames, crop_boxes, source_of, mel, starts, steps)
-        mp4 = media.encode_mp4(out_frames, info.fps, audio, int(sample_rate))
+        mp4 = media.encode_mp4(out_frames, info.fps, audio, int(sample_rate), colour=info.colour.for_output())
         # the frames were produced lazily inside the encoder's loop: separate the two
         timings["model"], timings["paste"] = steps["model"], steps["paste"]
         timings["encode"] = time.perf_counter() - t - steps["model"] - steps["paste"]
