@@ -243,6 +243,16 @@ def noface_clip(
     return _clip(lambda t: _noface_frame(t, size), seconds, fps, audio, 0, False)
 
 
+def astronaut_photo(size: tuple[int, int] = (640, 360), fmt: str = ".jpg") -> bytes:
+    """A still picture of the face (the first frame of a still clip) as JPEG or PNG bytes."""
+    if fmt not in (".jpg", ".png"):
+        raise ValueError("fmt must be '.jpg' or '.png'")
+    ok, encoded = cv2.imencode(fmt, cv2.cvtColor(render_frame(0.0, size, motion=False), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"cv2 could not encode a {fmt} picture")
+    return encoded.tobytes()
+
+
 def truncated(data: bytes, keep: float = 0.5) -> bytes:
     """The first `keep` share of a file, as an interrupted upload leaves it."""
     return data[: int(len(data) * keep)]
