@@ -253,6 +253,20 @@ def astronaut_photo(size: tuple[int, int] = (640, 360), fmt: str = ".jpg") -> by
     return encoded.tobytes()
 
 
+def precision_face_crops(count: int = 8, side: int = 96) -> np.ndarray:
+    """[count, side, side, 3] RGB face crops of the moving test clip, as Wav2Lip sees them: the face
+    box grown by the default pads (20 px below) and resized to the model's input. Shipped as
+    lipserve/lipsync/assets/precision_faces.png for the reduced-precision check at load."""
+    crops = []
+    for k in range(count):
+        t = 0.3 + 1.1 * k
+        x1, y1, x2, y2 = face_box_at(t)
+        frame = render_frame(t)
+        crop = frame[max(0, y1):min(frame.shape[0], y2 + 20), max(0, x1):min(frame.shape[1], x2)]
+        crops.append(cv2.resize(crop, (side, side)))
+    return np.stack(crops)
+
+
 def truncated(data: bytes, keep: float = 0.5) -> bytes:
     """The first `keep` share of a file, as an interrupted upload leaves it."""
     return data[: int(len(data) * keep)]

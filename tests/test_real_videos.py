@@ -6,6 +6,7 @@ Clips are short and small on purpose (the whole suite must stay quick on 2 cores
 """
 import numpy as np
 import pytest
+import torch
 
 from lipserve import media, testmedia
 from lipserve.lipsync import LipSyncer, LipSyncOptions
@@ -134,16 +135,16 @@ def test_a_short_gap_is_bridged_and_static_looks_past_a_faceless_opening(fresh):
     ((640, 360), None, ("smpte170m", "tv", "2", "2")),
 ], ids=["1080p-bt709", "360p-untagged"])
 def test_colours_and_tags_of_the_source_are_kept(fresh, size, colour, tags):
-    clip = testmedia.astronaut_clip(seconds=0.48, fps=FPS, size=size, audio=None, motion=False, colour=colour)
-    speech = testmedia.speechlike(0.4, sample_rate=16000)  # 10 frames
+    clip = testmedia.astronaut_clip(seconds=0.28, fps=FPS, size=size, audio=None, motion=False, colour=colour)
+    speech = testmedia.speechlike(0.2, sample_rate=16000)  # 5 frames
     options = LipSyncOptions(face_mode="static")
     result = fresh.sync(clip, speech, 16000, options)
     names = media.probe(result.mp4).colour.names()
     assert (names["matrix"], names["range"], names["primaries"], names["transfer"]) == tags
 
-    source = media.decode_frames(clip, 10)
+    source = media.decode_frames(clip, 5)
     output = media.decode_frames(result.mp4)
-    plan = fresh.plan_faces(clip, options, 10)
+    plan = fresh.plan_faces(clip, options, 5)
     x1, y1, x2, y2 = padded_crop_boxes(plan.boxes[:1], options.pads, size[0], size[1])[0]
     outside = np.ones(source.shape[1:3], dtype=bool)
     outside[y1:y2, x1:x2] = False
@@ -166,3 +167,43 @@ def test_a_photo_gives_a_video_as_long_as_the_speech(fresh, fmt):
     result = fresh.sync(photo, speech, 16000, LipSyncOptions())
     assert result.n_frames == 10 and result.frames_passed_through == 0
     assert media.probe(result.mp4).n_frames == 10
+
+
+# ----------------------------------------------------------------------------- reduced precision
+
+def test_the_precision_check_uses_face_crops_of_the_test_clip():
+    import cv2
+    shipped = cv2.cvtColor(cv2.imread(str(syncer_module.PRECISION_FACES)), cv2.COLOR_BGR2RGB)
+    crops = testmedia.precision_face_crops()
+    assert np.array_equal(shipped, np.concatenate(list(crops), axis=1))  # regenerable from testmedia
+    faces, windows = syncer_module.precision_probe(8)
+    assert faces.shape == (8, 6, 96, 96) and windows.shape == (8, 1, 80, 16)
+    assert float(windows.std()) > 0.5  # speech, not silence
+
+
+@pytest.mark.slow
+def test_reduced_precision_is_kept_only_within_half_a_level_of_fp32(syncer, monkeypatch):
+    # CPU autocast with bf16 stands in for CUDA fp16: the same check, against fp32 (CPU bf16 convolutions
+    # are slow, so one face crop)
+    assert syncer.autocast is None and syncer.precision_name == "fp32"  # CPU, precision auto: fp32, unchecked
+    try:
+        syncer.autocast = torch.bfloat16
+        gap = syncer.autocast_gap(n_faces=1)
+        print(f"bf16 autocast against fp32 on a face crop of the test clip: {gap:.3f} 8-bit levels at most")
+        assert 0 < gap < 8
+        monkeypatch.setattr(syncer_module, "AUTOCAST_MAX_LEVELS", gap * 2)
+        syncer._check_autocast(keep_anyway=False, gap=gap)
+        assert syncer.autocast is torch.bfloat16 and syncer.precision_name == "bf16"  # close enough: kept
+        monkeypatch.setattr(syncer_module, "AUTOCAST_MAX_LEVELS", gap / 2)
+        syncer._check_autocast(keep_anyway=True, gap=gap)  # set explicitly: kept, and the response says so
+        assert syncer.precision_name == "bf16" and any("bf16" in w for w in syncer._warnings(_no_rendering()))
+        syncer._check_autocast(keep_anyway=False, gap=gap)
+        assert syncer.autocast is None and syncer.precision_name == "fp32"  # too far from fp32: back to fp32
+    finally:
+        syncer.autocast, syncer.precision_gap = None, None
+
+
+def _no_rendering():
+    """The least a Rendering needs for LipSyncer._warnings: a given box, no frame passed through."""
+    from types import SimpleNamespace
+    return SimpleNamespace(plan=SimpleNamespace(detector="given"), passed_through=np.zeros(3, dtype=bool))

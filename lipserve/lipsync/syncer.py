@@ -25,7 +25,9 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import scipy.signal
@@ -66,6 +68,15 @@ AUTO_MIN_IOU = 0.85
 AUTO_MAX_SHIFT = 0.05
 MAX_BRIDGE_SECONDS = 0.5  # a stretch without a face up to this long, between two faces, gets an interpolated box
 SILENT_MEL = -4.0  # the floor of Wav2Lip's normalised mel scale: what silence gives
+# Reduced precision (autocast) is kept only while Wav2Lip's output on real-shaped inputs -- 8 face crops
+# of the test clip (PRECISION_FACES, 96x96) and mel windows of speech-like audio -- stays within
+# AUTOCAST_MAX_LEVELS of strict fp32 everywhere, in 8-bit levels of the output picture. Half a level:
+# rounding to 8 bits then moves a pixel by at most one step, and only a pixel already half-way between
+# two. Measured with CPU autocast on the synthetic weights: fp16 0.15 level max (0.025 mean), bf16 1.04
+# max (0.19 mean), so fp16 passes and bf16 does not. Not measured on a GPU or on the real checkpoint:
+# that is what the check at load is for.
+AUTOCAST_MAX_LEVELS = 0.5
+PRECISION_FACES = Path(__file__).parent / "assets" / "precision_faces.png"
 HAAR_WARNING = ("faces were found with OpenCV's Haar cascade because s3fd.pth is not in {folder}: its boxes are "
                 "rougher than those of the official S3FD detector Wav2Lip was trained with (`lipserve weights fetch`)")
 CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (FACTS.md)
@@ -166,6 +177,30 @@ def mel_for_output(mel: np.ndarray, n_out: int, fps: float) -> tuple[np.ndarray,
     return mel, starts
 
 
+def precision_probe(n_faces: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wav2Lip inputs for the precision check: ([n, 6, 96, 96] faces, [n, 1, 80, 16] mel windows)."""
+    import cv2
+
+    from ..testmedia import speechlike
+
+    strip = cv2.cvtColor(cv2.imread(str(PRECISION_FACES), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    side = strip.shape[0]
+    crops = [strip[:, k * side:(k + 1) * side] for k in range(min(n_faces, strip.shape[1] // side))]
+    mel = melspectrogram(speechlike(2.0, SAMPLE_RATE, seed=7))
+    starts = np.linspace(0, mel.shape[1] - MEL_STEP, len(crops)).astype(int)
+    windows = torch.stack([torch.from_numpy(np.ascontiguousarray(mel[:, s:s + MEL_STEP])) for s in starts])
+    return blend.crops_to_model_input_np(crops), windows.unsqueeze(1)
+
+
+def strict_fp32(device: torch.device):
+    """A context where CUDA convolutions run in true fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    if device.type != "cuda":
+        return nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
 def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     if sample_rate == SAMPLE_RATE:
         return audio
@@ -184,6 +219,7 @@ class LipSyncer:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
         self.autocast = autocast_dtype(self.device, settings.precision)
+        self.precision_gap: float | None = None  # max |autocast - fp32| of the output, 8-bit levels
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
         s3fd = load_s3fd(settings, self.device)
@@ -192,6 +228,39 @@ class LipSyncer:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
         self._model_lock = threading.Lock()  # one forward at a time per replica keeps memory bounded
+        if self.autocast is not None:
+            self._check_autocast(keep_anyway=settings.precision != "auto")
+        log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
+
+    # ------------------------------------------------------------------ precision
+
+    def autocast_gap(self, n_faces: int = 8) -> float:
+        """Max |autocast - fp32| of Wav2Lip's output (8-bit levels) on face crops of the test clip."""
+        faces, windows = precision_probe(n_faces)
+        faces, windows = faces.to(self.device), windows.to(self.device)
+        reduced = self._forward(windows, faces)
+        saved, self.autocast = self.autocast, None
+        try:
+            with strict_fp32(self.device):
+                full = self._forward(windows, faces)
+        finally:
+            self.autocast = saved
+        return float((reduced.float() - full.float()).abs().max()) * 255.0
+
+    def _check_autocast(self, keep_anyway: bool, gap: float | None = None) -> None:
+        """Keep the autocast dtype if `gap` (measured now when not given) is within AUTOCAST_MAX_LEVELS."""
+        self.precision_gap = self.autocast_gap() if gap is None else gap
+        name = self.precision_name
+        if self.precision_gap <= AUTOCAST_MAX_LEVELS:
+            log.info("lip sync: %s autocast within %.3f levels of fp32 (tolerance %.2f)", name, self.precision_gap,
+                     AUTOCAST_MAX_LEVELS)
+        elif keep_anyway:
+            log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); kept because "
+                        "precision was set explicitly", name, self.precision_gap, AUTOCAST_MAX_LEVELS)
+        else:
+            log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); using fp32",
+                        name, self.precision_gap, AUTOCAST_MAX_LEVELS)
+            self.autocast = None
 
     # ------------------------------------------------------------------ public
 
@@ -202,6 +271,7 @@ class LipSyncer:
             "synthetic_weights": self.synthetic_weights,
             "face_detector": self.detector.name,
             "precision": self.precision_name,
+            "autocast_max_levels": self.precision_gap,
             "batch_size": self.batch_size(),
             "face_cache": self.face_cache.stats(),
         }
@@ -333,6 +403,9 @@ class LipSyncer:
 
     def _warnings(self, rendering: Rendering) -> list[str]:
         notes = []
+        if self.autocast is not None and self.precision_gap is not None and self.precision_gap > AUTOCAST_MAX_LEVELS:
+            notes.append(f"lip sync runs {self.precision_name} as configured although its output differs from fp32 "
+                         f"by up to {self.precision_gap:.2f} 8-bit levels (tolerance {AUTOCAST_MAX_LEVELS})")
         if rendering.plan.detector == HaarDetector.name:
             notes.append(HAAR_WARNING.format(folder=self.settings.weights_dir))
         passed = rendering.passed_through
