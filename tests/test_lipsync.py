@@ -250,7 +250,7 @@ def test_official_format_checkpoints_load(official_lipsync_weights_dir):
     # holds synthetic weights, whose "faces" are noise (serving never uses synthetic S3FD).
     clip = testmedia.astronaut_clip(seconds=0.4, fps=FPS, size=(320, 180), audio=None)  # 10 frames
     plan = syncer.plan_faces(clip, LipSyncOptions(face_mode="track", track_every=5), 10)
-    assert plan.detector == "s3fd" and plan.detected_frames == 2 and plan.boxes.shape == (10, 4)
+    assert plan.detector == "s3fd" and plan.detected_frames == 3 and plan.boxes.shape == (10, 4)  # 0, 5 and the last
     assert (plan.boxes[:, 2] > plan.boxes[:, 0]).all() and (plan.boxes[:, 3] > plan.boxes[:, 1]).all()
 
 
