@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     body = {"word": args.text, "user_video_gs": "demo/astronaut.mp4",
             "output_video_gs": "demo/astronaut-says.mp4", "tts_lang": args.lang,
-            "options": {"overwrite": True, "face_mode": "track"}}  # the demo clip moves: follow the face
+            "options": {"overwrite": True}}  # the default face mode (auto) follows the moving face
     answer = deploy_and_request(body, env, port=args.port)
     if answer["status"] != 200:
         print(f"request failed: HTTP {answer['status']}: {answer['result']}", file=sys.stderr)
@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage, seconds in result["step_times"].items():
         print(f"  {stage:<10} {seconds:7.2f}s")
     print(f"HTTP round trip: {wall:.2f}s   cache: {result['cache']}")
+    print(f"precision:     {result.get('precision', {})}   frames passed through: "
+          f"{result.get('frames_passed_through', 0)}")
+    print("warnings:" + ("" if result["warnings"] else "      none"))
+    for text in result["warnings"]:
+        print(f"  - {text}")
     print("=" * 78)
     if result["synthetic_weights"]:
         print(loud(["THE MODELS RAN ON SYNTHETIC WEIGHTS: the output is NOT meaningful.",

@@ -75,12 +75,12 @@ def cmd_run(args) -> int:
                               options=RequestOptions(**options))
 
     # refuse what can be refused before the models load (tens of seconds on a CPU)
-    from .pipeline import Pipeline, check_video, preflight
+    from .pipeline import Pipeline, check_video, check_voice_source, preflight
     from .storage import Storage
 
     storage = Storage(settings)
-    preflight(request, settings, storage)
-    check_video(storage.read_bytes(request.user_video_gs), settings)
+    pre = preflight(request, settings, storage)
+    check_voice_source(check_video(storage.read_bytes(request.user_video_gs), settings), pre.reference_uri)
 
     progress = StageLines()
     print("loading models (once per process) ...", file=sys.stderr, flush=True)
@@ -100,7 +100,14 @@ def cmd_run(args) -> int:
         print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s)")
         print("engines: " + ", ".join(f"{k}={v}" for k, v in response.engines.items()))
         print("step times: " + ", ".join(f"{k}={v:.2f}s" for k, v in response.step_times.items()))
+    print_warnings(response.warnings)
     return 0
+
+
+def print_warnings(warnings: list[str], stream=sys.stderr) -> None:
+    """The response's warnings, one per line (also with --json: people read stderr)."""
+    for text in warnings:
+        print(f"warning: {text}", file=stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output mp4 (path or gs://)")
     run.add_argument("--lang", default="en", help="TTS language code (default en)")
     run.add_argument("--engine", default="auto", help="TTS engine: auto, piper, espeak, gtts")
-    run.add_argument("--face-mode", choices=["static", "track"], default=None, help="face finding (default static)")
+    run.add_argument("--face-mode", choices=["auto", "static", "track"], default=None,
+                     help="face finding (default auto: one box for a still head, tracking for a moving one)")
     run.add_argument("--box", type=int, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), default=None,
                      help="the face box in source pixels, used for every frame (no face detection)")
     run.add_argument("--reference", default=None, help="separate voice reference (audio or video file)")

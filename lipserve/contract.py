@@ -20,7 +20,8 @@ class RequestOptions(BaseModel):
     """Per-request knobs. Every field is optional; settings give the defaults."""
 
     model_config = ConfigDict(extra="forbid")
-    face_mode: Literal["static", "track", "box"] | None = None
+    face_mode: Literal["auto", "static", "track", "box"] | None = Field(
+        None, description="auto (default): one box for a still head, tracking for a moving one; static; track; box")
     box: FaceBox | None = Field(None, description="Face box in source pixels, for face_mode='box'.")
     pads: tuple[int, int, int, int] | None = Field(None, description="top, bottom, left, right")
     resize_factor: int | None = Field(None, ge=1, le=8)
@@ -60,6 +61,7 @@ class LipVideoResponse(BaseModel):
     cache: dict[str, bool] = Field(default_factory=dict, description="which per-video work was reused (face_boxes, speaker_embedding)")
     warnings: list[str] = Field(default_factory=list)
     stage_spans: dict[str, list[float]] = Field(default_factory=dict, description="stage -> [start, end] unix seconds, measured where the stage ran")
+    frames_passed_through: int = Field(0, description="output frames without a face, left exactly as in the source (no lip sync)")
     precision: dict[str, str] = Field(default_factory=dict, description="stage -> the precision its networks ran in: fp32, fp16 or bf16")
     voice_similarity: float | None = Field(None, description="cosine between the speaker embeddings of the voice reference and of the converted speech (speaker encoder of the voice stage); higher = closer to the user's voice")
 

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
 from lipserve.errors import InvalidAudio, InvalidMedia
 
@@ -29,6 +30,98 @@ log = logging.getLogger(__name__)
 # A stream whose decoded frames stop more than this many timeline slots before its
 # stated end is treated as truncated rather than padded with its last frame.
 _TRUNCATION_SLACK_FRAMES = 2
+
+
+# ---------------------------------------------------------------- colour
+#
+# FFmpeg's colour tags (AVColorSpace / AVColorRange / AVColorPrimaries / AVColorTransferCharacteristic
+# values, as PyAV's frame and codec-context attributes give and take them).
+MATRIX_RGB, MATRIX_BT709, MATRIX_UNSPECIFIED, MATRIX_BT470BG, MATRIX_SMPTE170M = 0, 1, 2, 5, 6
+RANGE_UNSPECIFIED, RANGE_TV, RANGE_PC = 0, 1, 2
+PRIMARIES_BT709, PRIMARIES_UNSPECIFIED = 1, 2
+TRANSFER_BT709, TRANSFER_UNSPECIFIED = 1, 2
+# matrix tag -> swscale's name for the same matrix (only these can be converted)
+_SWS_MATRIX = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
+               7: Colorspace.SMPTE240M, 9: Colorspace.BT2020, 10: Colorspace.BT2020}
+_MATRIX_NAMES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+                 9: "bt2020nc", 10: "bt2020c"}
+_RANGE_NAMES = {0: "unspecified", 1: "tv", 2: "pc"}
+# swscale's default YUV->RGB path skips chroma interpolation and rounds down: measured on the test
+# clips, every channel came out 1-2 levels dark. Full chroma interpolation + accurate rounding
+# round-trips with a mean shift under 0.05 levels (encode side: accurate rounding suffices).
+_TO_RGB_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+_TO_YUV_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND
+
+
+def is_hd(width: int, height: int) -> bool:
+    """Players' rule for untagged video (mpv, browsers): BT.709 from 1280 wide or over 576 lines."""
+    return width >= 1280 or height > 576
+
+
+@dataclass(frozen=True)
+class Colour:
+    """A video's colour tags as stored (MATRIX_/RANGE_/PRIMARIES_/TRANSFER_ values; 2 or 0 = untagged),
+    and whether players take it for HD (from the stored picture size; see is_hd).
+
+    Untagged values are resolved the way players resolve them: BT.709 for HD, BT.601 below,
+    limited ("tv") range.
+    """
+
+    matrix: int = MATRIX_UNSPECIFIED
+    range: int = RANGE_UNSPECIFIED
+    primaries: int = PRIMARIES_UNSPECIFIED
+    transfer: int = TRANSFER_UNSPECIFIED
+    hd: bool = False
+
+    @property
+    def tagged(self) -> bool:
+        return self.matrix in _SWS_MATRIX
+
+    def conversion(self) -> tuple[Colorspace, ColorRange]:
+        """(swscale matrix, range) for converting between RGB and this video's YUV."""
+        if self.tagged:
+            matrix = _SWS_MATRIX[self.matrix]
+        else:
+            matrix = Colorspace.ITU709 if self.hd else Colorspace.ITU601
+        return matrix, ColorRange.JPEG if self.range == RANGE_PC else ColorRange.MPEG
+
+    def for_output(self) -> "Colour":
+        """The tags an output re-encoding this video carries: the same matrix, range, primaries and
+        transfer, with an untagged matrix and range written as what players assumed (the output's
+        picture size may differ: rotation applied, resize_factor). An untagged HD source also gets
+        BT.709 primaries and transfer, the guess every player makes for HD; below HD the guesses
+        differ between players (SMPTE-C, PAL, BT.709), so those stay untagged."""
+        matrix = self.matrix if self.tagged else (MATRIX_BT709 if self.hd else MATRIX_SMPTE170M)
+        primaries, transfer = self.primaries, self.transfer
+        if not self.tagged and self.hd:
+            primaries = PRIMARIES_BT709 if primaries == PRIMARIES_UNSPECIFIED else primaries
+            transfer = TRANSFER_BT709 if transfer == TRANSFER_UNSPECIFIED else transfer
+        return Colour(matrix, RANGE_PC if self.range == RANGE_PC else RANGE_TV, primaries, transfer, self.hd)
+
+    def names(self) -> dict[str, str]:
+        return {"matrix": _MATRIX_NAMES.get(self.matrix, str(self.matrix)),
+                "range": _RANGE_NAMES.get(self.range, str(self.range)),
+                "primaries": str(self.primaries), "transfer": str(self.transfer)}
+
+
+def _colour_of(frame: av.VideoFrame) -> Colour:
+    """The tags of a decoded frame; an RGB frame (PNG) has no YUV matrix, a yuvj frame is full range."""
+    hd = is_hd(frame.width, frame.height)
+    if frame.format.is_rgb:
+        return Colour(MATRIX_UNSPECIFIED, RANGE_UNSPECIFIED, frame.color_primaries, frame.color_trc, hd)
+    colour_range = frame.color_range
+    if colour_range == RANGE_UNSPECIFIED and frame.format.name.startswith("yuvj"):
+        colour_range = RANGE_PC
+    return Colour(frame.colorspace, colour_range, frame.color_primaries, frame.color_trc, hd)
+
+
+def _to_rgb(frame: av.VideoFrame, colour: Colour) -> np.ndarray:
+    """A decoded frame as RGB uint8, converted with its own matrix and range (see Colour)."""
+    if frame.format.is_rgb:
+        return frame.to_ndarray(format="rgb24")
+    matrix, colour_range = colour.conversion()
+    return frame.to_ndarray(format="rgb24", src_colorspace=matrix, src_color_range=colour_range,
+                            interpolation=_TO_RGB_FLAGS)
 
 
 @dataclass
@@ -42,6 +135,8 @@ class VideoInfo:
     has_audio: bool
     audio_rate: int | None
     video_codec: str
+    colour: Colour = Colour()  # the stream's colour tags (see Colour for untagged video)
+    is_image: bool = False  # a still photo (JPEG/PNG...), not a video
 
 
 # ---------------------------------------------------------------- opening
@@ -193,6 +288,8 @@ def probe(data: bytes) -> VideoInfo:
             has_audio=audio is not None,
             audio_rate=audio.rate if audio is not None else None,
             video_codec=stream.codec_context.name,
+            colour=_colour_of(first),
+            is_image=container.format.name.endswith("_pipe") or container.format.name.startswith("image2"),
         )
 
 
@@ -259,10 +356,11 @@ def _timeline_frames(container, stream, fps, n_frames, start, stop, counters) ->
     next_slot = start
     pending = None  # (frame, cached array) shown for slots that no frame lands on
     ccw = None
+    colour = None
 
     def as_array(entry):
         if entry[1] is None:
-            entry[1] = _upright(entry[0].to_ndarray(format="rgb24"), ccw)
+            entry[1] = _upright(_to_rgb(entry[0], colour), ccw)
         return entry[1]
 
     for packet in container.demux(stream):
@@ -271,6 +369,7 @@ def _timeline_frames(container, stream, fps, n_frames, start, stop, counters) ->
             counters["decoded"] += 1
             if ccw is None:
                 ccw = _rotation_ccw(frame, stream)
+                colour = _colour_of(frame)
             t = frame.time if frame.time is not None else (counters["decoded"] - 1) / fps + t0
             slot = round((t - t0) * fps)
             entry = [frame, None]
@@ -359,6 +458,19 @@ def decode_audio_bytes(data: bytes, sample_rate: int = 16000, *, max_seconds: fl
 
 # ---------------------------------------------------------------- encode
 
+AUDIO_BIT_RATE = 128_000  # AAC, mono speech: transparent at this rate (the encoder's default is lower)
+# AAC's reconstruction overshoots the input's peaks by up to ~0.5 dB on speech: a peak above -1 dBFS
+# could clip in a player's float-to-int conversion, so such audio is turned down to -1 dBFS.
+AUDIO_PEAK_LIMIT = 10 ** (-1.0 / 20)
+
+
+def with_headroom(audio: np.ndarray) -> np.ndarray:
+    """`audio` scaled down so its peak is at most AUDIO_PEAK_LIMIT (a gain, not a limiter)."""
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if peak <= AUDIO_PEAK_LIMIT:
+        return audio
+    return (audio * (AUDIO_PEAK_LIMIT / peak)).astype(np.float32)
+
 
 def encode_mp4(
     frames: np.ndarray | Iterable[np.ndarray],
@@ -367,6 +479,7 @@ def encode_mp4(
     sample_rate: int,
     *,
     crf: int = 23,
+    colour: Colour | None = None,
 ) -> bytes:
     """RGB uint8 frames [H, W, 3] (+ mono float audio in [-1, 1]) → H.264 yuv420p + AAC mp4 bytes.
 
@@ -374,8 +487,13 @@ def encode_mp4(
     widths/heights are padded by one edge pixel (yuv420p needs even sizes). The
     caller passes `frames_needed(fps, len(audio) / sample_rate)` frames so that
     the video ends within one frame of the audio.
+
+    `colour`: the matrix and range the RGB frames are converted with, and the tags written
+    (a source's `info.colour.for_output()` keeps its look); None writes no tags and converts
+    as players assume for untagged video of this size. Audio is AAC at AUDIO_BIT_RATE, scaled
+    down (never clipped) when its peak is above AUDIO_PEAK_LIMIT.
     """
-    return _write_mp4(frames, fps, audio, sample_rate, crf=crf)
+    return _write_mp4(frames, fps, audio, sample_rate, crf=crf, colour=colour)
 
 
 def _write_mp4(
@@ -389,6 +507,7 @@ def _write_mp4(
     frame_times: Iterable[float] | None = None,
     display_rotation: int = 0,
     index_first: bool = True,
+    colour: Colour | None = None,
 ) -> bytes:
     """encode_mp4 plus what test clips need: explicit frame times (VFR), a rotation tag,
     and the index left at the end (as many cameras write it).
@@ -399,7 +518,7 @@ def _write_mp4(
         raise ValueError("fps must be positive")
     if audio is not None:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        audio = np.clip(audio, -1.0, 1.0)
+        audio = with_headroom(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0))
     buffer = io.BytesIO()
     container = av.open(buffer, mode="w", format="mp4")
     rate = Fraction(fps).limit_denominator(1001)
@@ -436,15 +555,24 @@ def _write_mp4(
                 video.pix_fmt = "yuv420p"
                 video.codec_context.time_base = video_tb
                 video.options = {"preset": preset, "crf": str(crf)}
+                tags = colour if colour is not None else Colour(hd=is_hd(video.width, video.height))
+                matrix, colour_range = tags.conversion()
+                context = video.codec_context
+                context.colorspace, context.color_range = tags.matrix, tags.range
+                context.color_primaries, context.color_trc = tags.primaries, tags.transfer
                 if display_rotation:
                     video.set_display_rotation(-display_rotation)
                 if audio is not None and len(audio):
                     audio_stream = container.add_stream("aac", rate=sample_rate)
                     audio_stream.layout = "mono"
+                    audio_stream.bit_rate = AUDIO_BIT_RATE
             elif image.shape[:2] != (video.height, video.width):
                 got, want = f"{image.shape[1]}x{image.shape[0]}", f"{video.width}x{video.height}"
                 raise ValueError(f"frame {index} is {got}, expected {want} like the first frame")
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            # convert here, with the chosen matrix and accurate rounding, not in the encoder's
+            # implicit conversion (BT.601, whatever the tags say)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace=matrix, dst_color_range=colour_range, interpolation=_TO_YUV_FLAGS)
             t = next(times) if times is not None else index / fps
             frame.pts = int(round(t / video_tb))
             frame.time_base = video_tb

@@ -25,6 +25,7 @@ from .errors import (
     AudioTooLong,
     EmptyText,
     InvalidField,
+    NoVoiceFound,
     ResolutionTooLarge,
     TextTooLong,
     Timeout,
@@ -152,6 +153,14 @@ def check_video(data: bytes, settings: Settings):
     return info
 
 
+def check_voice_source(info, reference_uri: str | None) -> None:
+    """A photo has no voice to clone: without options.reference_audio it is refused (422) up front."""
+    if getattr(info, "is_image", False) and not reference_uri:
+        raise NoVoiceFound(
+            "the source is a photo, which has no voice to clone: name a recording of the person's voice in "
+            "options.reference_audio (a reference is needed with a photo)", field="options.reference_audio")
+
+
 def check_speech(seconds: float, settings: Settings) -> None:
     if seconds > settings.max_speech_seconds:
         raise TextTooLong(f"the speech for this text lasts {seconds:.1f} s; the limit is "
@@ -220,6 +229,7 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
     step_times["total"] = round(timer.total(), 4)
     synthetic = bool(getattr(outcome.voice, "synthetic_weights", False) or getattr(outcome.sync, "synthetic_weights", False))
     warnings = (list(getattr(outcome.speech, "fallbacks", []) or []) + list(getattr(outcome.voice, "warnings", []) or [])
+                + list(getattr(outcome.sync, "warnings", []) or [])
                 + outcome.extra_warnings)
     if synthetic:
         warnings.insert(0, SYNTHETIC_WARNING)
@@ -245,6 +255,7 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
         cache=cache,
         warnings=warnings,
         stage_spans={k: [round(a, 4), round(b, 4)] for k, (a, b) in timer.spans.items()},
+        frames_passed_through=int(getattr(outcome.sync, "frames_passed_through", 0)),
         precision=precision,
         voice_similarity=getattr(outcome.voice, "voice_similarity", None),
     )
@@ -289,6 +300,7 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
     pre = await stages.read(preflight, request, settings, storage, stages.languages())
     video = await local_stage("download", storage.read_bytes, request.user_video_gs)
     info = await local_stage("probe", check_video, video, settings)
+    check_voice_source(info, pre.reference_uri)
     reference, reference_is_video = None, True
     if pre.reference_uri:
         reference = await stages.read(storage.read_bytes, pre.reference_uri)
@@ -298,7 +310,9 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
     del video, reference  # the stages hold their own references from here on
 
     outcome = Outcome()
-    track = pre.lipsync["face_mode"] == "track"
+    # auto, static and track detect on frames spread over the ones the answer uses, so they wait for
+    # the speech's length (then run beside voice conversion); a given box needs no frames at all
+    after_speech = pre.lipsync["face_mode"] != "box"
 
     async def video_branch(frames_needed: int | None):
         return await remote_stage("faces", stages.plan_faces(video_token, pre.lipsync, frames_needed))
@@ -313,16 +327,16 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
         check_speech(speech_seconds, settings)
         voice = remote_stage("voice", stages.convert(speech.audio, speech.sample_rate, reference_token,
                                                      reference_is_video, request.options.deterministic_voice, seed))
-        if not track:
+        if not after_speech:
             return speech, await voice, None
-        # tracking needs a box per output frame: the speech length says how many
+        # the speech's length says which frames the answer uses
         voice, plan = await gather_or_cancel(voice, video_branch(frames_for(info.fps, speech_seconds)))
         return speech, voice, plan
 
-    if track:
+    if after_speech:
         outcome.speech, outcome.voice, outcome.plan = await audio_branch()
     else:
-        # static/box detection only touches the first frames: start it at once, beside the audio branch
+        # a given box: validate it at once, beside the audio branch
         (outcome.speech, outcome.voice, _), outcome.plan = await gather_or_cancel(audio_branch(), video_branch(None))
     outcome.sync = await remote_stage("lipsync", stages.sync(video_token, outcome.voice.audio, outcome.voice.sample_rate,
                                                             pre.lipsync, outcome.plan))

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     tts_timeout_s: float = Field(10.0, description="Per-call timeout for online TTS.")
 
     # lip sync defaults (per-request options override)
-    face_mode: Literal["static", "track", "box"] = Field("static", description="Default face finding mode.")
+    face_mode: Literal["auto", "static", "track", "box"] = Field("auto", description="Default face finding mode.")
     pads: tuple[int, int, int, int] = Field((0, 20, 0, 0), description="Face crop padding: top, bottom, left, right (px).")
     resize_factor: int = Field(1, description="Downscale the source by this factor before lip sync.")
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipserve.media import _write_mp4
+from lipserve.media import Colour, _write_mp4
 
 SEED = 1234
 AUDIO_RATE = 44100  # like a phone's AAC track, so readers must resample to 16 kHz
+PAN_PIXELS_PER_SECOND = 50.0  # motion="pan": the head slides sideways, ~100 px across 2 s
+BT709 = Colour(matrix=1, range=1, primaries=1, transfer=1, hd=True)  # how HD cameras tag their video
 
 # A square crop of the 512x512 astronaut photo around her head and shoulders, and
 # the face inside it: OpenCV's frontal Haar cascade finds the face at x=177, y=66,
@@ -46,10 +48,18 @@ def _background(width: int, height: int) -> np.ndarray:
     return np.clip(image + grain, 0, 255).astype(np.uint8)
 
 
-def _placement(t: float, size: tuple[int, int], motion: bool) -> tuple[int, int, int]:
-    """(x, y, side) of the portrait square at time t; the square always stays inside the frame."""
+def _placement(t: float, size: tuple[int, int], motion: bool | str) -> tuple[int, int, int]:
+    """(x, y, side) of the portrait square at time t; the square always stays inside the frame.
+
+    motion: True (wander and scale), False (still, centred) or "pan" (still size, sliding right at
+    PAN_PIXELS_PER_SECOND from 50 px left of centre).
+    """
     width, height = size
     short = min(width, height)
+    if motion == "pan":
+        side = int(round(short * 0.85))
+        x = int(round((width - side) / 2 - 50 + PAN_PIXELS_PER_SECOND * t))
+        return min(max(0, x), width - side), int(round((height - side) / 2)), side
     if motion:
         side = int(round(short * (0.78 + 0.12 * math.sin(2 * math.pi * t / 5.0))))
         fx = 0.5 + 0.45 * math.sin(2 * math.pi * t / 8.0)
@@ -61,7 +71,7 @@ def _placement(t: float, size: tuple[int, int], motion: bool) -> tuple[int, int,
     return x, y, side
 
 
-def face_box_at(t: float, size: tuple[int, int] = (640, 360), motion: bool = True) -> tuple[int, int, int, int]:
+def face_box_at(t: float, size: tuple[int, int] = (640, 360), motion: bool | str = True) -> tuple[int, int, int, int]:
     """Ground-truth face box (x1, y1, x2, y2) in upright display pixels at time t seconds."""
     x, y, side = _placement(t, size, motion)
     scale = side / _CROP_SIDE
@@ -75,14 +85,18 @@ def face_box_at(t: float, size: tuple[int, int] = (640, 360), motion: bool = Tru
 
 
 def face_box_truth(
-    index: int, fps: float = 25, size: tuple[int, int] = (640, 360), motion: bool = True
+    index: int, fps: float = 25, size: tuple[int, int] = (640, 360), motion: bool | str = True
 ) -> tuple[int, int, int, int]:
     """Ground-truth face box in frame `index` of a constant-rate clip (upright pixels)."""
     return face_box_at(index / fps, size, motion)
 
 
-def render_frame(t: float, size: tuple[int, int] = (640, 360), motion: bool = True) -> np.ndarray:
-    """The upright RGB picture at time t: the astronaut portrait moved and scaled over a gradient."""
+def render_frame(t: float, size: tuple[int, int] = (640, 360), motion: bool | str = True,
+                 cut_away: tuple[float, float] | None = None) -> np.ndarray:
+    """The upright RGB picture at time t: the astronaut portrait moved and scaled over a gradient,
+    or, for t in [cut_away[0], cut_away[1]), a face-less picture (the camera turned away)."""
+    if cut_away is not None and cut_away[0] <= t < cut_away[1]:
+        return _noface_frame(t, size)
     width, height = size
     frame = _background(width, height).copy()
     x, y, side = _placement(t, size, motion)
@@ -175,7 +189,7 @@ def _vfr_times(seconds: float, fps: float, seed: int = SEED) -> list[float]:
     return times
 
 
-def _clip(render, seconds, fps, audio, rotate, vfr, index_first=True) -> bytes:
+def _clip(render, seconds, fps, audio, rotate, vfr, index_first=True, colour=None) -> bytes:
     if rotate not in (0, 90, 180, 270):
         raise ValueError("rotate must be 0, 90, 180 or 270")
     times = _vfr_times(seconds, fps) if vfr else [i / fps for i in range(max(1, round(seconds * fps)))]
@@ -192,6 +206,7 @@ def _clip(render, seconds, fps, audio, rotate, vfr, index_first=True) -> bytes:
         frame_times=times if vfr else None,
         display_rotation=rotate,
         index_first=index_first,
+        colour=colour,
     )
 
 
@@ -200,10 +215,12 @@ def astronaut_clip(
     fps: float = 25,
     size: tuple[int, int] = (640, 360),
     audio: str | None = "speechlike",
-    motion: bool = True,
+    motion: bool | str = True,
     rotate: int = 0,
     vfr: bool = False,
     index_first: bool = True,
+    cut_away: tuple[float, float] | None = None,
+    colour: Colour | None = None,
 ) -> bytes:
     """An mp4 of the astronaut's face moving and scaling over time (H.264 + AAC 44.1 kHz).
 
@@ -211,9 +228,12 @@ def astronaut_clip(
     with that clockwise display rotation (90 → a phone's portrait video). `vfr` gives
     irregular frame times averaging `fps`. `index_first=False` leaves the moov box at the end
     (as cameras write it; a truncated copy then has no index at all). The face's box at
-    time t is `face_box_at(t, size, motion)`.
+    time t is `face_box_at(t, size, motion)`; `motion="pan"` slides it sideways. `cut_away`
+    (start, end) seconds shows a face-less picture in between. `colour` converts and tags the
+    picture (e.g. BT709, as HD cameras do); None leaves it untagged, converted as players assume.
     """
-    return _clip(lambda t: render_frame(t, size, motion), seconds, fps, audio, rotate, vfr, index_first)
+    return _clip(lambda t: render_frame(t, size, motion, cut_away), seconds, fps, audio, rotate, vfr, index_first,
+                 colour)
 
 
 def noface_clip(
@@ -221,6 +241,30 @@ def noface_clip(
 ) -> bytes:
     """A valid video with texture and motion but no face anywhere."""
     return _clip(lambda t: _noface_frame(t, size), seconds, fps, audio, 0, False)
+
+
+def astronaut_photo(size: tuple[int, int] = (640, 360), fmt: str = ".jpg") -> bytes:
+    """A still picture of the face (the first frame of a still clip) as JPEG or PNG bytes."""
+    if fmt not in (".jpg", ".png"):
+        raise ValueError("fmt must be '.jpg' or '.png'")
+    ok, encoded = cv2.imencode(fmt, cv2.cvtColor(render_frame(0.0, size, motion=False), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"cv2 could not encode a {fmt} picture")
+    return encoded.tobytes()
+
+
+def precision_face_crops(count: int = 8, side: int = 96) -> np.ndarray:
+    """[count, side, side, 3] RGB face crops of the moving test clip, as Wav2Lip sees them: the face
+    box grown by the default pads (20 px below) and resized to the model's input. Shipped as
+    lipserve/lipsync/assets/precision_faces.png for the reduced-precision check at load."""
+    crops = []
+    for k in range(count):
+        t = 0.3 + 1.1 * k
+        x1, y1, x2, y2 = face_box_at(t)
+        frame = render_frame(t)
+        crop = frame[max(0, y1):min(frame.shape[0], y2 + 20), max(0, x1):min(frame.shape[1], x2)]
+        crops.append(cv2.resize(crop, (side, side)))
+    return np.stack(crops)
 
 
 def truncated(data: bytes, keep: float = 0.5) -> bytes:

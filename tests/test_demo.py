@@ -23,6 +23,8 @@ def test_demo_makes_a_playable_video_and_says_the_weights_are_synthetic(tmp_path
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "SYNTHETIC WEIGHTS" in run.stdout and "NOT meaningful" in run.stdout
+    warnings = run.stdout.split("warnings:", 1)[1]  # the response's warnings, printed
+    assert "Haar cascade" in warnings and "SYNTHETIC" in warnings
     for stage in ("tts", "faces", "voice", "lipsync"):
         assert f"  {stage} " in run.stdout
     output = tmp_path / "data" / "demo" / "astronaut-says.mp4"

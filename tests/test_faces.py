@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from lipserve.errors import InvalidField
+from lipserve.lipsync.blend import MIN_FEATHER_PX, paste_mask
 from lipserve.lipsync.faces import (
-    S3FD_TOP_K, HaarDetector, S3FDDetector, best_s3fd_face, box_iou, detect_boxes, interpolate_track,
-    nms, padded_crop_boxes, s3fd_candidates, smooth_boxes, track_keyframes, validate_box,
+    S3FD_TOP_K, HaarDetector, S3FDDetector, best_s3fd_face, box_iou, detect_boxes, face_presence, frame_ranges,
+    interpolate_track, nms, padded_crop_boxes, refine_frames, s3fd_candidates, smooth_boxes, spread_frames,
+    still_box, track_boxes, track_keyframes, validate_box,
 )
 from lipserve.models.s3fd import S3FD
 from lipserve.weights.synthetic import fill_synthetic
@@ -177,6 +179,82 @@ def test_smoothing_removes_a_spike_and_keeps_a_line():
     spiky = line.copy()
     spiky[10] += 50
     assert abs(smooth_boxes(spiky, 5)[10, 0] - line[10, 0]) <= 10 + 1e-9
+
+
+def test_spread_frames_cover_first_and_last():
+    assert spread_frames(50, 5) == [0, 12, 24, 37, 49]
+    assert spread_frames(100, 5, start=50) == [50, 62, 74, 87, 99]
+    assert spread_frames(1, 5) == [0] and spread_frames(3, 5) == [0, 1, 2] and spread_frames(10, 5, start=10) == []
+
+
+def test_still_box_tolerates_jitter_not_movement():
+    box = np.array([100, 100, 200, 200.0])
+    jitter = [box + d for d in ([0, 0, 0, 0], [2, -1, 2, 1], [-2, 1, -1, -2], [1, 2, 1, 2])]
+    assert np.allclose(still_box(jitter, 0.85, 0.05), np.median(np.stack(jitter), axis=0))
+    moved = jitter + [box + [8, 0, 8, 0]]            # the centre 8 % of the side away: IoU 0.85, too far
+    assert still_box(moved, 0.85, 0.05) is None
+    grown = jitter + [np.array([90, 90, 210, 210.0])]  # same centre, 20 % larger: IoU 0.69
+    assert still_box(grown, 0.85, 0.05) is None
+    assert still_box([], 0.85, 0.05) is None
+
+
+def _keyframes(found: list[int], missed: list[int]) -> dict:
+    box = np.array([10, 10, 60, 60.0])
+    return {**{i: box + i for i in found}, **{i: None for i in missed}}
+
+
+def test_face_presence_bridges_short_gaps_and_leaves_long_ones():
+    # faces at 0..20 (every 5th), misses 25..45, faces 50..60: a 29-frame gap, more than 12
+    keyframes = _keyframes([0, 5, 10, 15, 20, 50, 55, 60], [25, 30, 35, 40, 45])
+    present = face_presence(keyframes, 61, max_gap=12)
+    assert frame_ranges(present) == [(0, 20), (50, 60)]
+    # one missed keyframe between faces: a 9-frame gap, bridged
+    present = face_presence(_keyframes([0, 5, 15, 20], [10]), 21, max_gap=12)
+    assert present.all()
+    # before the first face and after the last: no face, however short
+    present = face_presence(_keyframes([5, 10], [0, 14]), 15, max_gap=12)
+    assert frame_ranges(present) == [(5, 10)]
+    assert not face_presence({0: None, 5: None}, 6, max_gap=12).any()
+
+
+def test_refine_frames_asks_for_the_edges_of_stretches_that_pass_through():
+    keyframes = _keyframes([0, 5, 10, 15, 20, 50, 55, 60], [25, 30, 35, 40, 45])
+    assert refine_frames(keyframes, 61, max_gap=12) == [21, 22, 23, 24, 46, 47, 48, 49]
+    assert refine_frames(_keyframes([0, 5, 15, 20], [10]), 21, max_gap=12) == []  # bridged anyway
+    assert refine_frames(_keyframes([5, 10], [0, 14]), 15, max_gap=12) == [1, 2, 3, 4, 11, 12, 13]
+    # once the edges are known, nothing more to ask
+    refined = {**keyframes, **_keyframes([21, 22], [23, 24, 46, 47, 48]), 49: np.array([0, 0, 9, 9.0])}
+    assert refine_frames(refined, 61, max_gap=12) == []
+    assert frame_ranges(face_presence(refined, 61, max_gap=12)) == [(0, 22), (49, 60)]
+
+
+def test_track_boxes_interpolate_through_bridges_and_smooth_within_stretches():
+    keyframes = {0: np.array([0, 0, 100, 100.0]), 10: np.array([20, 10, 120, 110.0]), 12: None,
+                 30: np.array([500, 0, 600, 100.0]), 40: np.array([500, 0, 600, 100.0])}
+    present = face_presence(keyframes, 41, max_gap=5)  # 11..29 is too long a gap: two stretches
+    assert frame_ranges(present) == [(0, 10), (30, 40)]
+    boxes = track_boxes(keyframes, present, smooth_window=5)
+    assert np.allclose(boxes[5], [10, 5, 110, 105])         # linear between detections
+    assert np.allclose(boxes[30:], [500, 0, 600, 100])       # not smoothed across the jump
+    assert boxes[10][0] <= 20 and boxes[9][0] >= 16             # the end of a stretch averages inside it
+    with pytest.raises(ValueError):
+        track_boxes({0: None}, np.zeros(3, bool))
+
+
+def test_paste_mask_feathers_in_the_margin_below_the_chin():
+    height, width, face = 120, 100, (0, 0, 100, 100)  # pads (0, 20, 0, 0): a 20-px margin below the face
+    mask = paste_mask(height, width, face, torch.device("cpu"))[..., 0].numpy()
+    centre = mask[:, width // 2]
+    assert centre[:int(0.40 * height)].max() == 0                  # the upper face is left alone
+    assert np.allclose(centre[int(0.58 * height) + 1:100], 1.0)    # full weight down to the chin (row 99)
+    assert (np.diff(centre[100:]) < 0).all() and centre[-1] < 0.05  # fades across the margin only
+    # no margin to feather in (no bottom pad): the fall happens inside, over the last 8 %
+    tight = paste_mask(100, 100, (0, 0, 100, 100), torch.device("cpu"))[..., 0].numpy()[:, 50]
+    assert tight[90] == 1.0 and tight[-1] < 0.1
+    # side margins (pads left/right) are feathered in too
+    sides = paste_mask(100, 140, (20, 0, 120, 100), torch.device("cpu"))[..., 0].numpy()[80]
+    assert np.allclose(sides[20:120], 1.0) and sides[0] < 0.05 and sides[-1] < 0.05
+    assert MIN_FEATHER_PX <= 20
 
 
 def test_padded_crop_boxes_clip_to_frame():

@@ -14,7 +14,7 @@ from lipserve.errors import (InputTooLarge, InvalidField, NoFaceFound, Resolutio
 from lipserve.lipsync import FacePlan, LipSyncer, LipSyncOptions, SyncResult
 from lipserve.lipsync.blend import crops_to_model_input
 from lipserve.lipsync.faces import box_iou
-from lipserve.lipsync.syncer import output_mel_starts, pingpong_indices
+from lipserve.lipsync.syncer import SILENT_MEL, mel_for_output, pingpong_indices
 from lipserve.settings import Settings
 
 FPS = 25
@@ -61,13 +61,21 @@ def test_pingpong_indices():
     assert pingpong_indices(3, 1).tolist() == [0, 0, 0]
 
 
-def test_output_mel_starts_extend_the_official_chunking(wav2lip_audio_golden):
+def test_mel_windows_follow_the_official_chunking_then_see_silence(wav2lip_audio_golden):
     official = wav2lip_audio_golden["mel_chunk_starts"]  # 47 windows for 2 s: ends ~0.2 s early
-    n_mel = wav2lip_audio_golden["mel"].shape[1]
-    ours = output_mel_starts(n_mel, 50, 25.0)             # one window per output frame: 2 s
+    mel = wav2lip_audio_golden["mel"]
+    padded, ours = mel_for_output(mel, 50, 25.0)          # one window per output frame: 2 s
     assert len(official) == 47 and len(ours) == 50
     assert ours[:46].tolist() == official[:46].tolist()
-    assert ours[46:].tolist() == [n_mel - 16] * 4 == [official[-1]] * 4
+    assert ours.tolist() == [int(i * 80 / 25) for i in range(50)]
+    assert np.array_equal(padded[:, :mel.shape[1]], mel)  # the speech's own mel is untouched
+    # the official script's last window is the final 16 mel frames, reused; ours run on past the
+    # speech into silence (the floor of the scale), so the last frames close the mouth
+    n = mel.shape[1]
+    assert ours[-1] + 16 > n and padded.shape[1] == ours[-1] + 16
+    tail = padded[:, ours[-1]:ours[-1] + 16]
+    assert (tail[:, n - ours[-1]:] == SILENT_MEL).all() and tail.shape == (80, 16)
+    assert not np.array_equal(tail, mel[:, -16:])
 
 
 def test_model_input_is_the_official_six_channels(wav2lip_golden):
@@ -85,7 +93,7 @@ def test_track_sync_needs_only_the_answers_frames(fresh, astronaut_10s, speech_2
     assert isinstance(result, SyncResult)
     assert result.n_frames == 50
     assert result.decoded_frames == 50              # not the source's 250
-    assert result.detected_frames == math.ceil(50 / 5)
+    assert result.detected_frames == math.ceil(50 / 5) + 1  # every 5th frame and the last
     assert result.synthetic_weights is True
     assert result.face_cache_hit is False
     assert set(result.timings) >= {"decode", "detect", "mel", "model", "paste", "encode"}
@@ -115,10 +123,11 @@ def test_track_boxes_follow_the_face_and_extend(fresh, astronaut_10s):
     options = LipSyncOptions(face_mode="track", track_every=5)
     plan = fresh.plan_faces(astronaut_10s, options, 50)
     assert isinstance(plan, FacePlan) and plan.detector == "haar"
-    assert plan.detected_frames == 10 and not plan.cached and plan.boxes.shape == (50, 4)
+    assert plan.detected_frames == 10 + 1 and not plan.cached and plan.boxes.shape == (50, 4)  # every 5th + the last
+    assert plan.present.all() and plan.mode == "track"
 
-    longer = fresh.plan_faces(astronaut_10s, options, 250)  # the whole clip: only the 40 new keyframes
-    assert longer.detected_frames == 40
+    longer = fresh.plan_faces(astronaut_10s, options, 250)  # the whole clip: only the 40 new keyframes + the last
+    assert longer.detected_frames == 40 + 1
     assert np.array_equal(longer.boxes[:40], plan.boxes[:40])  # settled boxes stay as they were
     for i, box in enumerate(longer.boxes):
         truth = np.array(testmedia.face_box_truth(i))
@@ -241,7 +250,7 @@ def test_official_format_checkpoints_load(official_lipsync_weights_dir):
     # holds synthetic weights, whose "faces" are noise (serving never uses synthetic S3FD).
     clip = testmedia.astronaut_clip(seconds=0.4, fps=FPS, size=(320, 180), audio=None)  # 10 frames
     plan = syncer.plan_faces(clip, LipSyncOptions(face_mode="track", track_every=5), 10)
-    assert plan.detector == "s3fd" and plan.detected_frames == 2 and plan.boxes.shape == (10, 4)
+    assert plan.detector == "s3fd" and plan.detected_frames == 3 and plan.boxes.shape == (10, 4)  # 0, 5 and the last
     assert (plan.boxes[:, 2] > plan.boxes[:, 0]).all() and (plan.boxes[:, 3] > plan.boxes[:, 1]).all()
 
 
@@ -269,5 +278,5 @@ def test_plan_decodes_long_sources_in_windows(fresh, astronaut_10s, monkeypatch)
     fresh.clear_face_cache()
     monkeypatch.setattr(syncer_module, "DECODE_WINDOW_BYTES", 640 * 360 * 3 * 25)  # 25-frame windows
     windowed = fresh.plan_faces(astronaut_10s, options, 120)
-    assert windowed.detected_frames == whole.detected_frames == 12
+    assert windowed.detected_frames == whole.detected_frames == 12 + 1
     assert np.abs(windowed.boxes - whole.boxes).max() <= 2

@@ -70,7 +70,7 @@ def test_preflight_accepts_language_variants_and_fills_options(root):
     settings = Settings(storage_root=root)
     pre = preflight(_request(tts_lang="en-US", word="  Hi there  "), settings, Storage(settings), LANGS)
     assert pre.text == "Hi there" and pre.language == "en-US"
-    assert pre.lipsync == {"face_mode": "static", "box": None, "pads": (0, 20, 0, 0), "resize_factor": 1}
+    assert pre.lipsync == {"face_mode": "auto", "box": None, "pads": (0, 20, 0, 0), "resize_factor": 1}
     pre = preflight(_request(tts_lang="ko", options=RequestOptions(tts_engine="espeak")), settings, Storage(settings), LANGS)
     assert pre.engine == "espeak"
 
@@ -128,25 +128,32 @@ def test_pipeline_end_to_end_on_local_paths(local_pipeline):
     assert info.has_audio and info.video_codec == "h264"
     speech_s = media.read_audio(data, 16000).size / 16000
     assert abs(info.duration - speech_s) <= 1 / info.fps + 0.03
-    # static faces ran beside the audio branch
+    # the default face mode (auto) spreads its detections over the frames the speech needs, so
+    # the face plan starts once TTS is done, beside voice conversion
     spans = response.stage_spans
-    assert spans["faces"][0] < spans["tts"][1]
+    assert spans["faces"][0] >= spans["tts"][1] - 0.01
+    assert spans["faces"][0] < spans["voice"][1]
+    assert response.frames_passed_through == 0 and response.precision["lipsync"] == "fp32"
+    assert any("Haar cascade" in w for w in response.warnings)  # no s3fd.pth here
     assert not list(root.glob("out/.*tmp"))  # no temporary file left behind
 
-    # the same video again: face boxes and speaker embedding come from the caches
-    again = pipeline.run(_request(word="Good morning.", user_video_gs="src.mp4", output_video_gs="out/b.mp4"))
+    # the same video again with a shorter sentence: face boxes and speaker embedding come from the
+    # caches (a longer one would detect on the frames not seen before, and say so)
+    again = pipeline.run(_request(word="Hi.", user_video_gs="src.mp4", output_video_gs="out/b.mp4"))
     assert again.cache["face_boxes"] and again.cache["speaker_embedding"]
 
 
 @pytest.mark.slow
-def test_pipeline_track_mode_plans_faces_after_tts(local_pipeline):
+def test_pipeline_box_mode_plans_faces_beside_tts(local_pipeline):
     pipeline, root = local_pipeline
-    response = pipeline.run(_request(word="Track me.", user_video_gs="src.mp4", output_video_gs="out/t.mp4",
-                                     options=RequestOptions(face_mode="track")))
+    box = FaceBox(x1=90, y1=40, x2=200, y2=170)
+    response = pipeline.run(_request(word="Box me.", user_video_gs="src.mp4", output_video_gs="out/t.mp4",
+                                     options=RequestOptions(face_mode="box", box=box)))
     spans = response.stage_spans
-    # tracking needs the speech length, so the face plan starts once TTS is done, beside voice
-    assert spans["faces"][0] >= spans["tts"][1] - 0.01
-    assert spans["faces"][0] < spans["voice"][1]
+    # a given box needs no frames: the face plan does not wait for the speech
+    assert spans["faces"][0] < spans["tts"][1]
+    assert response.engines["faces"] == "given"
+    assert not any("Haar cascade" in w for w in response.warnings)  # no detector ran
     assert (root / "out" / "t.mp4").is_file()
 
 
@@ -228,6 +235,7 @@ def test_cli_run_makes_a_video(tmp_path):
                                          "--synthetic-weights"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SYNTHETIC WEIGHTS" in proc.stderr
+    assert "warning: faces were found with OpenCV's Haar cascade" in proc.stderr  # the response's warnings
     for stage in ("tts", "voice", "lipsync"):
         assert f"] {stage}" in proc.stderr  # a progress line per long stage
     assert f"wrote {out}" in proc.stdout

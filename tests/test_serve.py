@@ -92,6 +92,7 @@ def served(ray_local, gcs_server, gcs_client, make_bucket, tmp_path_factory):
         "src.mp4": source,
         "silent.mp4": testmedia.astronaut_clip(seconds=2.0, fps=25, size=(320, 240), audio=None),
         "noface.mp4": testmedia.noface_clip(seconds=2.0, fps=25, size=(320, 240)),
+        "photo.jpg": testmedia.astronaut_photo((320, 240), ".jpg"),
         "long.mp4": testmedia.astronaut_clip(seconds=MAX_VIDEO_S + 2, fps=10, size=(160, 120), audio="tone"),
         "notvideo.mp4": b"this is a text file, not a video\n" * 100,
         "huge.mp4": os.urandom(MAX_INPUT_BYTES + 1024),
@@ -152,18 +153,19 @@ def test_gcs_to_gcs_request_gives_a_valid_mp4(served):
 def test_audio_and_video_branches_overlap(served):
     spans = _first_request(served).json()["stage_spans"]
     tts, voice, faces, lipsync = spans["tts"], spans["voice"], spans["faces"], spans["lipsync"]
-    audio_branch = (tts[0], voice[1])
-    # face finding ran while the audio branch was running, not after it
-    assert faces[0] < audio_branch[1] and faces[1] > audio_branch[0], spans
-    assert faces[0] < voice[0], spans
+    # face finding (auto: detections spread over the frames the speech needs) started once TTS
+    # gave the speech's length, and ran while voice conversion was running, not after it
+    assert faces[0] >= tts[1] - 0.01, spans
+    assert faces[0] < voice[1] and faces[1] > voice[0], spans
     # lip sync waited for both
     assert lipsync[0] >= max(voice[1], faces[1]) - 0.01, spans
 
 
 def test_second_request_with_same_video_reuses_faces_and_speaker(served):
     _first_request(served)
+    # a shorter sentence: its frames are all known (a longer one would detect on the new frames)
     r = served["client"].post("/api/v1/lip-video-optimized",
-                              json=_body(served["bucket"], "out/second.mp4", word="Good morning."))
+                              json=_body(served["bucket"], "out/second.mp4", word="Hi."))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["cache"]["face_boxes"] is True
@@ -178,6 +180,27 @@ def test_silent_video_with_a_separate_reference_voice_works(served):
                                                                options={"reference_audio": ref}))
     assert r.status_code == 200, r.text
     assert _exists(served, r.json()["output_video_gs"])
+
+
+def test_a_photo_with_a_separate_voice_reference_works_and_without_one_is_422(served):
+    """A .jpg face + options.reference_audio: a video as long as the speech. Without a reference the
+    422 says a reference is needed."""
+    ref = f"gs://{served['bucket']}/src.mp4"
+    r = served["client"].post("/api/v1/lip-video", json=_body(served["bucket"], "out/photo.mp4", src="photo.jpg",
+                                                               options={"reference_audio": ref}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    data = served["gcs"].bucket(served["bucket"]).blob("out/photo.mp4").download_as_bytes()
+    info = media.probe(data)
+    speech_s = media.read_audio(data, 16000).size / 16000
+    assert info.has_audio and info.n_frames > 10 and abs(info.duration - speech_s) <= 1 / info.fps + 0.03
+    assert body["frames_passed_through"] == 0 and body["precision"]["lipsync"] == "fp32"
+
+    r = served["client"].post("/api/v1/lip-video", json=_body(served["bucket"], "out/photo-noref.mp4", src="photo.jpg"))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "no_voice_found" and "photo" in err["message"] and "reference" in err["message"]
+    assert not _exists(served, f"gs://{served['bucket']}/out/photo-noref.mp4")
 
 
 BAD_INPUTS = [

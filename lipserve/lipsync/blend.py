@@ -35,34 +35,49 @@ def crops_to_model_input(crops: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([masked, full], dim=1)
 
 
-def lower_face_mask(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """[h, w, 1] weights in [0, 1]: 1 over the lower face, fading to 0 at the edges of the crop.
+MIN_FEATHER_PX = 4  # a margin narrower than this is no room to feather in; fade inside the crop instead
 
-    Vertically it rises from 0 at 40% to 1 at 58% of the height (the model redrew the lower
-    half, the upper half is only a reconstruction) and falls off over the last 8%; sideways
-    it fades over 10% of the width at each side. The outer product keeps the seams invisible.
+
+def paste_mask(height: int, width: int, face: tuple[int, int, int, int] | None, device: torch.device) -> torch.Tensor:
+    """[h, w, 1] weights in [0, 1] for pasting the model's output over a crop of h x w pixels.
+
+    `face` is the detected face box inside the crop (x1, y1, x2, y2; the crop is that box grown by
+    the pads). Vertically the weight rises from 0 at 40% to 1 at 58% of the crop's height (the model
+    redrew the lower half; the upper half is only its reconstruction), stays 1 down to the face
+    box's bottom edge (the chin is drawn by the model alone, so a jaw that opens wider leaves no
+    faint second chin) and falls to 0 across the pad margin below it. Sideways it is 1 across the
+    face and falls off across the side margins. Where a margin is under MIN_FEATHER_PX (pads of 0,
+    or a face at the frame's edge) the fall happens inside the crop instead: over its last 8% of
+    height, or 10% of width at that side.
     """
+    fx1, fy1, fx2, fy2 = face if face is not None else (0, 0, width, height)
+
     def ramp(n: int, rise: tuple[float, float], fall: tuple[float, float]) -> torch.Tensor:
-        t = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
-        up = ((t - rise[0]) / (rise[1] - rise[0])).clamp(0, 1)
-        down = ((fall[1] - t) / (fall[1] - fall[0])).clamp(0, 1)
+        t = torch.arange(n, device=device, dtype=torch.float32) + 0.5  # pixel centres
+        up = ((t - rise[0]) / max(rise[1] - rise[0], 1e-6)).clamp(0, 1)
+        down = ((fall[1] - t) / max(fall[1] - fall[0], 1e-6)).clamp(0, 1)
         return torch.minimum(up, down)
 
-    vertical = ramp(height, (0.40, 0.58), (0.92, 1.0))
-    horizontal = ramp(width, (0.0, 0.10), (0.90, 1.0))
+    bottom = (fy2, height) if height - fy2 >= MIN_FEATHER_PX else (0.92 * height, height)
+    left = (0, fx1) if fx1 >= MIN_FEATHER_PX else (0, 0.10 * width)
+    right = (fx2, width) if width - fx2 >= MIN_FEATHER_PX else (0.90 * width, width)
+    vertical = ramp(height, (0.40 * height, 0.58 * height), bottom)
+    horizontal = ramp(width, left, right)
     return (vertical[:, None] * horizontal[None, :]).unsqueeze(-1)
 
 
-def blend_mouths(predictions: torch.Tensor, regions: list[torch.Tensor]) -> list[torch.Tensor]:
+def blend_mouths(predictions: torch.Tensor, regions: list[torch.Tensor],
+                 faces: list[tuple[int, int, int, int]] | None = None) -> list[torch.Tensor]:
     """Model output [B, 3, 96, 96] (BGR, [0, 1]) + the original crop regions (RGB uint8 [h, w, 3])
-    -> blended regions, RGB uint8, each at its crop's size."""
+    + the face box inside each crop -> blended regions, RGB uint8, each at its crop's size."""
     mouths = predictions.float().flip(1) * 255.0  # BGR -> RGB
+    faces = faces if faces is not None else [None] * len(regions)
     blended = []
-    for mouth, region in zip(mouths, regions):
+    for mouth, region, face in zip(mouths, regions, faces):
         height, width = region.shape[:2]
         mouth = F.interpolate(mouth.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)
         mouth = mouth[0].permute(1, 2, 0)  # h,w,3
-        mask = lower_face_mask(height, width, region.device)
+        mask = paste_mask(height, width, face, region.device)
         out = region.float() * (1 - mask) + mouth * mask
         blended.append(out.round_().clamp_(0, 255).to(torch.uint8))
     return blended
@@ -79,14 +94,16 @@ def crops_to_model_input_np(crops: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([masked, full], axis=1))
 
 
-def blend_mouths_np(predictions: torch.Tensor, regions: list[np.ndarray]) -> list[np.ndarray]:
+def blend_mouths_np(predictions: torch.Tensor, regions: list[np.ndarray],
+                    faces: list[tuple[int, int, int, int]] | None = None) -> list[np.ndarray]:
     """blend_mouths for CPU: same mask and resize, with cv2 and numpy."""
     mouths = predictions.float().numpy()[:, ::-1].transpose(0, 2, 3, 1) * 255.0  # B,96,96,3 RGB
+    faces = faces if faces is not None else [None] * len(regions)
     blended = []
-    for mouth, region in zip(mouths, regions):
+    for mouth, region, face in zip(mouths, regions, faces):
         height, width = region.shape[:2]
         mouth = cv2.resize(np.ascontiguousarray(mouth), (width, height), interpolation=cv2.INTER_LINEAR)
-        mask = lower_face_mask(height, width, torch.device("cpu")).numpy()
+        mask = paste_mask(height, width, face, torch.device("cpu")).numpy()
         out = region.astype(np.float32) * (1 - mask) + mouth * mask
         blended.append(np.clip(np.rint(out), 0, 255).astype(np.uint8))
     return blended

@@ -4,9 +4,12 @@ Boxes are float or int arrays `(x1, y1, x2, y2)` in pixels of the frame they wer
 `detect_boxes` maps them back from the downscaled copy the detector saw.
 
 Modes (the syncer decides which frames to detect on; this module supplies the arithmetic):
-  static  one box for every frame (found on the first frame, or an early one if that fails)
-  track   detections on every k-th frame, linearly interpolated in between, lightly smoothed,
-          held after the last detection
+  auto    a few detections spread over the frames used; one box if they agree (a still head),
+          else `track`
+  static  one box for every frame (the first of a few tries spread over the frames used)
+  track   detections on every k-th frame (and the last), linearly interpolated in between and
+          lightly smoothed; frames without a face are bridged when the gap is short, else left
+          untouched (see face_presence)
   box     a box the caller gives, validated against the frame
 """
 from __future__ import annotations
@@ -237,6 +240,111 @@ def validate_box(box: Sequence[int] | None, width: int, height: int) -> np.ndarr
 def track_keyframes(n_frames: int, every: int) -> list[int]:
     """Frames `track` mode detects on: 0, k, 2k, ... below n_frames."""
     return list(range(0, n_frames, max(1, every)))
+
+
+def spread_frames(n_frames: int, count: int, start: int = 0) -> list[int]:
+    """`count` frames spread evenly over [start, n_frames), the first and the last included."""
+    if n_frames <= start:
+        return []
+    return sorted({int(round(v)) for v in np.linspace(start, n_frames - 1, max(1, count))})
+
+
+def still_box(boxes: Sequence[np.ndarray], min_iou: float, max_shift: float) -> np.ndarray | None:
+    """The one box for a head that does not move, or None when these detections say it moves.
+
+    The box is the per-coordinate median of the detections (robust to one odd detection); the
+    head counts as still when every detection overlaps it by IoU >= min_iou and its centre lies
+    within max_shift of the box's side from the box's centre.
+    """
+    if not boxes:
+        return None
+    stacked = np.stack([np.asarray(b, dtype=np.float64) for b in boxes])
+    reference = np.median(stacked, axis=0)
+    side = ((reference[2] - reference[0]) + (reference[3] - reference[1])) / 2
+    centre = (reference[:2] + reference[2:]) / 2
+    for box in stacked:
+        shift = np.hypot(*((box[:2] + box[2:]) / 2 - centre))
+        if box_iou(box, reference) < min_iou or shift > max_shift * side:
+            return None
+    return reference
+
+
+def face_presence(keyframes: dict[int, np.ndarray | None], n_frames: int, max_gap: int) -> np.ndarray:
+    """[n_frames] bool: which frames get a face box, from the frames detected on.
+
+    Between two detected faces with no miss in between: face (the box is interpolated). A stretch
+    of misses between two faces is bridged when at most `max_gap` frames lie between them (a
+    detector's miss, a hand passing), else those frames have no face. Before the first and after
+    the last detected face: no face. The caller detects on the frames next to each change so the
+    stretches are exact (refine_frames).
+    """
+    present = np.zeros(n_frames, dtype=bool)
+    known = sorted((i, b is not None) for i, b in keyframes.items() if i < n_frames)
+    found = [i for i, ok in known if ok]
+    if not found:
+        return present
+    missed = [i for i, ok in known if not ok]
+    for a, b in zip(found, found[1:]):
+        misses_between = any(a < m < b for m in missed)
+        if not misses_between or b - a - 1 <= max_gap:
+            present[a:b + 1] = True
+    present[found] = True
+    return present
+
+
+def refine_frames(keyframes: dict[int, np.ndarray | None], n_frames: int, max_gap: int) -> list[int]:
+    """Frames to detect on so that every face / no-face change face_presence acts on is known to the
+    frame: all frames between a found and a missed neighbour, except at the edges of a run of misses
+    short enough to be bridged whatever its exact edges."""
+    known = sorted((i, b is not None) for i, b in keyframes.items() if i < n_frames)
+    found = [i for i, ok in known if ok]
+    wanted: set[int] = set()
+    for (i, face_at_i), (j, face_at_j) in zip(known, known[1:]):
+        if face_at_i == face_at_j or j - i <= 1:
+            continue
+        if face_at_i:  # a face, then misses: the run of misses ends at the next face, if any
+            before, after = i, next((f for f in found if f > j), None)
+        else:          # misses, then a face: the run started after the previous face, if any
+            before, after = next((f for f in reversed(found) if f < i), None), j
+        if before is not None and after is not None and after - before - 1 <= max_gap:
+            continue
+        wanted.update(range(i + 1, j))
+    return sorted(wanted)
+
+
+def track_boxes(keyframes: dict[int, np.ndarray | None], present: np.ndarray, smooth_window: int = 5) -> np.ndarray:
+    """[n, 4] boxes: linear between found keyframes (through bridged gaps), then a centred moving
+    average over `smooth_window` frames within each stretch of face frames (never across a stretch
+    without a face). Rows where present is False hold the nearest box; they are not drawn on."""
+    n = len(present)
+    found = sorted((i, b) for i, b in keyframes.items() if b is not None)
+    if not found:
+        raise ValueError("no keyframe has a face")
+    xs = np.array([i for i, _ in found], dtype=np.float64)
+    ys = np.stack([b for _, b in found]).astype(np.float64)
+    frames = np.arange(n, dtype=np.float64)
+    boxes = np.stack([np.interp(frames, xs, ys[:, c]) for c in range(4)], axis=1)
+    start = None
+    for i in range(n + 1):
+        inside = i < n and present[i]
+        if inside and start is None:
+            start = i
+        elif not inside and start is not None:
+            boxes[start:i] = smooth_boxes(boxes[start:i], smooth_window)
+            start = None
+    return boxes
+
+
+def frame_ranges(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Inclusive (first, last) index ranges where mask is True."""
+    ranges, start = [], None
+    for i, value in enumerate(list(mask) + [False]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            ranges.append((start, i - 1))
+            start = None
+    return ranges
 
 
 def interpolate_track(keyframes: dict[int, np.ndarray | None], n_frames: int, smooth_window: int = 5) -> np.ndarray:

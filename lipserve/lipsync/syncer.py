@@ -3,14 +3,19 @@
 What it does differently from the official inference script, and why:
   * decodes only the source frames the speech needs (min(output frames, source frames)),
     not the whole video;
-  * finds the face once (`static`), on every k-th frame (`track`), or takes it from the caller
-    (`box`), instead of running the detector on every output frame;
+  * finds the face on a few frames spread over the answer and keeps one box when the head is
+    still (`auto`, the default), tracks it on every k-th frame when it moves (`track`), finds it
+    once (`static`) or takes it from the caller (`box`), instead of running the detector on every
+    output frame;
+  * never dies on a frame without a face: short gaps are bridged, longer stretches (a cut-away)
+    pass through untouched; only an answer with no face at all is refused;
   * remembers the probe and the face boxes per video (keyed by a hash of its bytes), so the
     same video with a new sentence skips detection;
   * when the speech outlasts the video, plays the video back and forth (0..n-1, n-2..1, 0, ...)
     instead of jumping back to frame 0;
   * gives one output frame per 1/fps of speech, so the output lasts as long as the audio
-    (the official loop stops ~0.2 s early);
+    (the official loop stops ~0.2 s early); the frames past the official count see silence
+    after the speech (the mel is padded), so the mouth closes;
   * crops, resizes and blends on the model's device, and encodes in memory with the speech.
 """
 from __future__ import annotations
@@ -19,7 +24,10 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import scipy.signal
@@ -34,16 +42,43 @@ from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, N
 from ..media import VideoInfo
 from ..settings import Settings
 from . import blend
-from .faces import (FaceDetector, HaarDetector, S3FDDetector, detect_boxes, interpolate_track,
-                    padded_crop_boxes, track_keyframes, validate_box)
+from .faces import (FaceDetector, HaarDetector, S3FDDetector, detect_boxes, face_presence, frame_ranges,
+                    padded_crop_boxes, refine_frames, spread_frames, still_box, track_boxes, track_keyframes,
+                    validate_box)
 from .networks import load_s3fd, load_wav2lip, wav2lip_filename
 
 log = logging.getLogger("lipserve.lipsync")
 
-FACE_MODES = ("static", "track", "box")
+FACE_MODES = ("auto", "static", "track", "box")
 STATIC_MAX_SIDE = 640  # static mode detects once, so it can afford a sharper copy
-TRACK_MAX_SIDE = 480   # track mode detects often, on a smaller copy (Haar misses faces under ~40 px)
-STATIC_TRIES = 5       # static mode: frames tried (0, then every half second) before giving up
+TRACK_MAX_SIDE = 480   # track and auto detect often, on a smaller copy (Haar misses faces under ~40 px)
+STATIC_TRIES = 5       # static mode: frames tried, spread over the frames used, before giving up
+SMOOTH_WINDOW = 5      # track: moving average over this many frames, as the official script smooths boxes
+# auto: AUTO_PROBES detections spread over the frames used (first and last included: 4 more than
+# static's one). The head counts as still, and keeps one box, when every probe's box overlaps the
+# median box by IoU >= AUTO_MIN_IOU and its centre is within AUTO_MAX_SHIFT of the box's side.
+# Why these: a box off by a share f of its side has IoU (1-f)/(1+f) with the face, so 0.85 allows
+# a drift of ~8 % (the mouth moves ~8 px in Wav2Lip's 96-px input), and the centre bound tightens
+# that to 5 % (~5 px); scale changes show in the IoU (0.85 = sides 8 % apart). A still head's
+# detections agree far better than that (the test clips: IoU >= 0.98, centre within 0.6 %; S3FD on
+# real video jitters by a few %), so still heads are not sent to tracking by detector noise, while
+# the ~50 px/s head of the issue (a shift of ~45 % of the box over 2 s) goes to track.
+AUTO_PROBES = 5
+AUTO_MIN_IOU = 0.85
+AUTO_MAX_SHIFT = 0.05
+MAX_BRIDGE_SECONDS = 0.5  # a stretch without a face up to this long, between two faces, gets an interpolated box
+SILENT_MEL = -4.0  # the floor of Wav2Lip's normalised mel scale: what silence gives
+# Reduced precision (autocast) is kept only while Wav2Lip's output on real-shaped inputs -- 8 face crops
+# of the test clip (PRECISION_FACES, 96x96) and mel windows of speech-like audio -- stays within
+# AUTOCAST_MAX_LEVELS of strict fp32 everywhere, in 8-bit levels of the output picture. Half a level:
+# rounding to 8 bits then moves a pixel by at most one step, and only a pixel already half-way between
+# two. Measured with CPU autocast on the synthetic weights: fp16 0.15 level max (0.025 mean), bf16 1.04
+# max (0.19 mean), so fp16 passes and bf16 does not. Not measured on a GPU or on the real checkpoint:
+# that is what the check at load is for.
+AUTOCAST_MAX_LEVELS = 0.5
+PRECISION_FACES = Path(__file__).parent / "assets" / "precision_faces.png"
+HAAR_WARNING = ("faces were found with OpenCV's Haar cascade because s3fd.pth is not in {folder}: its boxes are "
+                "rougher than those of the official S3FD detector Wav2Lip was trained with (`lipserve weights fetch`)")
 CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (FACTS.md)
 CUDA_BYTES_PER_ITEM = 64 * 1024 * 1024  # generous fp16 activation budget per 96x96 sample
 CUDA_MAX_BATCH = 128
@@ -52,7 +87,7 @@ DECODE_WINDOW_BYTES = 512 * 1024 * 1024  # plan_faces decodes at most this much 
 
 @dataclass
 class LipSyncOptions:
-    face_mode: str = "static"           # static | track | box
+    face_mode: str = "auto"             # auto | static | track | box
     box: tuple[int, int, int, int] | None = None   # x1, y1, x2, y2 in source pixels
     pads: tuple[int, int, int, int] = (0, 20, 0, 0)  # top, bottom, left, right
     resize_factor: int = 1
@@ -66,7 +101,9 @@ class FacePlan:
     video_key: str                  # content_key(video bytes)
     info: VideoInfo
     boxes: np.ndarray               # [covered, 4] int (x1, y1, x2, y2) per source frame [0, covered), source pixels
+    present: np.ndarray             # [covered] bool: the frame has a face (False: passed through untouched)
     detector: str                   # "s3fd" | "haar" | "given"
+    mode: str                       # how the boxes were settled: static | track | box | auto/still | auto/track
     detected_frames: int            # detector runs in this call (0 on a cache hit)
     cached: bool
     timings: dict[str, float] = field(default_factory=dict)
@@ -82,6 +119,25 @@ class SyncResult:
     timings: dict[str, float]       # decode, detect, mel, model, paste, encode
     synthetic_weights: bool
     face_cache_hit: bool
+    frames_passed_through: int = 0  # output frames left exactly as decoded (no face there)
+    face_mode: str = ""             # FacePlan.mode
+    warnings: list[str] = field(default_factory=list)
+    precision: str = "fp32"         # Wav2Lip's arithmetic: fp32, fp16 or bf16 (autocast)
+
+
+@dataclass
+class Rendering:
+    """The output frames of one answer, before encoding (`frames` is a one-shot iterator)."""
+
+    frames: Iterator[np.ndarray]    # RGB uint8, in output order; produced lazily, one model batch at a time
+    source: np.ndarray              # the decoded (and downscaled) source frames the answer uses
+    source_of: np.ndarray           # [n_out] source frame index of each output frame
+    passed_through: np.ndarray      # [n_out] bool: this output frame is source[source_of[i]] untouched
+    info: VideoInfo
+    plan: FacePlan
+    detected_frames: int
+    cache_hit: bool
+    decoded_frames: int
 
 
 @dataclass(frozen=True)
@@ -92,6 +148,7 @@ class _FaceEntry:
     detector: str
     keyframes: dict  # source frame -> box (source pixels) or None where no face was found
     covered: int     # source frames whose boxes are settled
+    moving: bool = False  # auto: the probes saw the head move or miss, so it is tracked
 
 
 def pingpong_indices(n_out: int, n_src: int) -> np.ndarray:
@@ -103,11 +160,45 @@ def pingpong_indices(n_out: int, n_src: int) -> np.ndarray:
     return np.where(phase < n_src, phase, period - phase)
 
 
-def output_mel_starts(n_mel_frames: int, n_out: int, fps: float) -> np.ndarray:
-    """First mel frame of each output frame's 16-frame window: int(i * 80 / fps) as the official
-    loop, but one window per output frame, the tail ones held flush with the end of the speech."""
-    starts = np.array([int(i * (MEL_FRAMES_PER_SECOND / fps)) for i in range(n_out)], dtype=np.int64)
-    return np.minimum(starts, max(0, n_mel_frames - MEL_STEP))
+def output_mel_starts(n_out: int, fps: float) -> np.ndarray:
+    """First mel frame of each output frame's 16-frame window: int(i * 80 / fps), as the official
+    loop, one window per output frame (the official loop stops at the last whole window)."""
+    return np.array([int(i * (MEL_FRAMES_PER_SECOND / fps)) for i in range(n_out)], dtype=np.int64)
+
+
+def mel_for_output(mel: np.ndarray, n_out: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mel padded on the right with silence, window starts): every output frame gets its own
+    window, so the frames past the end of the speech see the silence after it and close the mouth
+    (the official script reuses its final window there, which holds the mouth open)."""
+    starts = output_mel_starts(n_out, fps)
+    needed = int(starts[-1]) + MEL_STEP if n_out else MEL_STEP
+    if mel.shape[1] < needed:
+        mel = np.pad(mel, ((0, 0), (0, needed - mel.shape[1])), constant_values=SILENT_MEL)
+    return mel, starts
+
+
+def precision_probe(n_faces: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wav2Lip inputs for the precision check: ([n, 6, 96, 96] faces, [n, 1, 80, 16] mel windows)."""
+    import cv2
+
+    from ..testmedia import speechlike
+
+    strip = cv2.cvtColor(cv2.imread(str(PRECISION_FACES), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    side = strip.shape[0]
+    crops = [strip[:, k * side:(k + 1) * side] for k in range(min(n_faces, strip.shape[1] // side))]
+    mel = melspectrogram(speechlike(2.0, SAMPLE_RATE, seed=7))
+    starts = np.linspace(0, mel.shape[1] - MEL_STEP, len(crops)).astype(int)
+    windows = torch.stack([torch.from_numpy(np.ascontiguousarray(mel[:, s:s + MEL_STEP])) for s in starts])
+    return blend.crops_to_model_input_np(crops), windows.unsqueeze(1)
+
+
+def strict_fp32(device: torch.device):
+    """A context where CUDA convolutions run in true fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    if device.type != "cuda":
+        return nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
 
 
 def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -128,6 +219,7 @@ class LipSyncer:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
         self.autocast = autocast_dtype(self.device, settings.precision)
+        self.precision_gap: float | None = None  # max |autocast - fp32| of the output, 8-bit levels
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
         # the fast graphs (lipserve.fast) where the settings and their bounds allow, else the eager modules
@@ -145,6 +237,39 @@ class LipSyncer:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
         self._model_lock = threading.Lock()  # one forward at a time per replica keeps memory bounded
+        if self.autocast is not None:
+            self._check_autocast(keep_anyway=settings.precision != "auto")
+        log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
+
+    # ------------------------------------------------------------------ precision
+
+    def autocast_gap(self, n_faces: int = 8) -> float:
+        """Max |autocast - fp32| of Wav2Lip's output (8-bit levels) on face crops of the test clip."""
+        faces, windows = precision_probe(n_faces)
+        faces, windows = faces.to(self.device), windows.to(self.device)
+        reduced = self._forward(windows, faces)
+        saved, self.autocast = self.autocast, None
+        try:
+            with strict_fp32(self.device):
+                full = self._forward(windows, faces)
+        finally:
+            self.autocast = saved
+        return float((reduced.float() - full.float()).abs().max()) * 255.0
+
+    def _check_autocast(self, keep_anyway: bool, gap: float | None = None) -> None:
+        """Keep the autocast dtype if `gap` (measured now when not given) is within AUTOCAST_MAX_LEVELS."""
+        self.precision_gap = self.autocast_gap() if gap is None else gap
+        name = self.precision_name
+        if self.precision_gap <= AUTOCAST_MAX_LEVELS:
+            log.info("lip sync: %s autocast within %.3f levels of fp32 (tolerance %.2f)", name, self.precision_gap,
+                     AUTOCAST_MAX_LEVELS)
+        elif keep_anyway:
+            log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); kept because "
+                        "precision was set explicitly", name, self.precision_gap, AUTOCAST_MAX_LEVELS)
+        else:
+            log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); using fp32",
+                        name, self.precision_gap, AUTOCAST_MAX_LEVELS)
+            self.autocast = None
 
     # ------------------------------------------------------------------ public
 
@@ -154,11 +279,16 @@ class LipSyncer:
             "checkpoint": wav2lip_filename(self.settings),
             "synthetic_weights": self.synthetic_weights,
             "face_detector": self.detector.name,
-            "precision": str(self.autocast).replace("torch.", "") if self.autocast else "fp32",
+            "precision": self.precision_name,
+            "autocast_max_levels": self.precision_gap,
             "batch_size": self.batch_size(),
             "face_cache": self.face_cache.stats(),
             "fast_paths": self.fast_paths,
         }
+
+    @property
+    def precision_name(self) -> str:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast, "fp32")
 
     def clear_face_cache(self) -> None:
         self.face_cache = LRUCache(self.settings.face_cache_size)
@@ -187,16 +317,20 @@ class LipSyncer:
             frames_for = self._frames_by_decoding(video, options, timings, info)
             entry, detected = self._extend(entry, info, options, want, frames_for, timings)
             self.face_cache.put(entry_key, entry)
+        boxes, present, mode = self._layout(entry, options, want)
         return FacePlan(
-            video_key=video_key, info=info, boxes=self._boxes(entry, options, want),
-            detector=entry.detector, detected_frames=detected,
-            cached=cache_hit and detected == 0, timings=timings,
+            video_key=video_key, info=info, boxes=boxes, present=present, detector=entry.detector, mode=mode,
+            detected_frames=detected, cached=cache_hit and detected == 0, timings=timings,
         )
 
-    def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
-             plan: FacePlan | None = None) -> SyncResult:
-        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
-        timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
+    def render(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
+               plan: FacePlan | None = None, timings: dict | None = None) -> tuple[Rendering, np.ndarray]:
+        """The answer's frames, not yet encoded, and the speech's mel as the model sees it.
+
+        Output frame i shows source frame source_of[i] (ping-pong) with the mouth redrawn to the
+        speech, or exactly as decoded where that source frame has no face.
+        """
+        timings = timings if timings is not None else {}
         self._check_options(options)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         if audio.size == 0 or sample_rate <= 0:
@@ -220,95 +354,144 @@ class LipSyncer:
             raise InvalidMedia("the video stream holds no decodable frame")
         n_src = len(frames)
         frames = self._downscale(frames, options.resize_factor)
-        timings["decode"] = time.perf_counter() - t
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t
 
         detected = 0
         if plan is not None and len(plan.boxes) >= n_src:
-            source_boxes = plan.boxes[:n_src].astype(np.float64)
-            detector, cache_hit = plan.detector, plan.cached
+            cache_hit = plan.cached
         else:
             cache_hit = entry is not None
             if entry is None or entry.covered < n_src:
                 frames_for = self._frames_from(frames, options.resize_factor)
                 entry, detected = self._extend(entry, info, options, n_src, frames_for, timings)
                 self.face_cache.put(entry_key, entry)
-            source_boxes = self._boxes(entry, options, n_src).astype(np.float64)
-            detector = entry.detector
-            cache_hit = cache_hit and detected == 0
+            boxes, present, mode = self._layout(entry, options, n_src)
+            plan = FacePlan(video_key=video_key, info=info, boxes=boxes, present=present, detector=entry.detector,
+                            mode=mode, detected_frames=detected, cached=cache_hit and detected == 0)
+            cache_hit = plan.cached
 
         # mel windows, one per output frame
         t = time.perf_counter()
-        mel = melspectrogram(_to_16k(audio, sample_rate))
-        if mel.shape[1] < MEL_STEP:  # under 0.2 s of speech: pad with silence (the scale's floor)
-            mel = np.pad(mel, ((0, 0), (0, MEL_STEP - mel.shape[1])), constant_values=-4.0)
-        starts = output_mel_starts(mel.shape[1], n_out, info.fps)
-        timings["mel"] = time.perf_counter() - t
+        mel, starts = mel_for_output(melspectrogram(_to_16k(audio, sample_rate)), n_out, info.fps)
+        timings["mel"] = timings.get("mel", 0.0) + time.perf_counter() - t
 
         height, width = frames.shape[1:3]
-        crop_boxes = padded_crop_boxes(source_boxes / options.resize_factor, options.pads, width, height)
+        face_boxes = np.round(plan.boxes[:n_src].astype(np.float64) / options.resize_factor).astype(np.int64)
+        crop_boxes = padded_crop_boxes(face_boxes, options.pads, width, height)
         source_of = pingpong_indices(n_out, n_src)
-
-        t = time.perf_counter()
-        steps = {"model": 0.0, "paste": 0.0}
-        out_frames = self._synced_frames(frames, crop_boxes, source_of, mel, starts, steps)
-        mp4 = media.encode_mp4(out_frames, info.fps, audio, int(sample_rate))
-        # the frames were produced lazily inside the encoder's loop: separate the two
-        timings["model"], timings["paste"] = steps["model"], steps["paste"]
-        timings["encode"] = time.perf_counter() - t - steps["model"] - steps["paste"]
-        log.info("lip sync: %d output frames from %d decoded source frames (%s, %d detections)",
-                 n_out, stats.get("decoded", n_src), detector, detected)
-        return SyncResult(
-            mp4=mp4, duration_s=n_out / info.fps, n_frames=n_out,
-            decoded_frames=int(stats.get("decoded", n_src)), detected_frames=detected,
-            timings=timings, synthetic_weights=self.synthetic_weights, face_cache_hit=cache_hit,
+        present = np.asarray(plan.present[:n_src], dtype=bool)
+        rendering = Rendering(
+            frames=self._synced_frames(frames, crop_boxes, face_boxes, present, source_of, mel, starts, timings),
+            source=frames, source_of=source_of, passed_through=~present[source_of], info=info, plan=plan,
+            detected_frames=detected, cache_hit=cache_hit, decoded_frames=int(stats.get("decoded", n_src)),
         )
+        return rendering, mel
+
+    def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
+             plan: FacePlan | None = None) -> SyncResult:
+        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
+        timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
+        rendering, _ = self.render(video, audio, sample_rate, options, plan, timings)
+        info = rendering.info
+        t = time.perf_counter()
+        before = timings["model"] + timings["paste"]
+        mp4 = media.encode_mp4(rendering.frames, info.fps, np.asarray(audio, dtype=np.float32).reshape(-1),
+                               int(sample_rate), colour=info.colour.for_output())
+        # the frames were produced lazily inside the encoder's loop: separate the two
+        timings["encode"] = time.perf_counter() - t - (timings["model"] + timings["paste"] - before)
+        n_out = len(rendering.source_of)
+        passed = int(rendering.passed_through.sum())
+        log.info("lip sync: %d output frames from %d decoded source frames (%s, %s, %d detections, %d passed through)",
+                 n_out, rendering.decoded_frames, rendering.plan.detector, rendering.plan.mode,
+                 rendering.detected_frames, passed)
+        return SyncResult(
+            mp4=mp4, duration_s=n_out / info.fps, n_frames=n_out, decoded_frames=rendering.decoded_frames,
+            detected_frames=rendering.detected_frames, timings=timings, synthetic_weights=self.synthetic_weights,
+            face_cache_hit=rendering.cache_hit, frames_passed_through=passed, face_mode=rendering.plan.mode,
+            warnings=self._warnings(rendering), precision=self.precision_name,
+        )
+
+    def _warnings(self, rendering: Rendering) -> list[str]:
+        notes = []
+        if self.autocast is not None and self.precision_gap is not None and self.precision_gap > AUTOCAST_MAX_LEVELS:
+            notes.append(f"lip sync runs {self.precision_name} as configured although its output differs from fp32 "
+                         f"by up to {self.precision_gap:.2f} 8-bit levels (tolerance {AUTOCAST_MAX_LEVELS})")
+        if rendering.plan.detector == HaarDetector.name:
+            notes.append(HAAR_WARNING.format(folder=self.settings.weights_dir))
+        passed = rendering.passed_through
+        if passed.any():
+            spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in frame_ranges(passed)[:6])
+            more = ", ..." if len(frame_ranges(passed)) > 6 else ""
+            notes.append(f"no face in {int(passed.sum())} of {len(passed)} output frames (frames {spans}{more}): "
+                         "they are passed through as in the source, without lip sync")
+        return notes
 
     # ------------------------------------------------------------------ the loop
 
-    def _synced_frames(self, frames: np.ndarray, crop_boxes: np.ndarray, source_of: np.ndarray,
-                       mel: np.ndarray, starts: np.ndarray, steps: dict):
-        """Yields output frames (RGB uint8) in order, one model batch at a time."""
+    def _synced_frames(self, frames: np.ndarray, crop_boxes: np.ndarray, face_boxes: np.ndarray, present: np.ndarray,
+                       source_of: np.ndarray, mel: np.ndarray, starts: np.ndarray, steps: dict) -> Iterator[np.ndarray]:
+        """Yields output frames (RGB uint8) in order: the model runs one batch of face frames at a
+        time; frames without a face are yielded exactly as decoded (the same array, not a copy)."""
+        steps.setdefault("model", 0.0)
+        steps.setdefault("paste", 0.0)
         batch_size = self.batch_size()
         on_gpu = self.tensor_ops
         mel_t = torch.from_numpy(np.ascontiguousarray(mel))
-        for lo in range(0, len(source_of), batch_size):
+        with_face = [i for i in range(len(source_of)) if present[source_of[i]]]
+        next_out = 0
+        for lo in range(0, len(with_face), batch_size):
             t = time.perf_counter()
-            idx = source_of[lo:lo + batch_size]
+            outputs = with_face[lo:lo + batch_size]
+            idx = [int(source_of[i]) for i in outputs]
             regions = [frames[s, y1:y2, x1:x2] for s, (x1, y1, x2, y2) in ((s, crop_boxes[s]) for s in idx)]
+            # the detected face inside each crop: the blend feathers in the margin outside it
+            inner = [tuple(int(v) for v in face_boxes[s] - np.tile(crop_boxes[s][:2], 2)) for s in idx]
             if on_gpu:
                 regions_t = [torch.from_numpy(np.ascontiguousarray(r)).to(self.device, non_blocking=True) for r in regions]
                 face_input = blend.crops_to_model_input(regions_t)
             else:
                 face_input = blend.crops_to_model_input_np(regions)
-            windows = torch.stack([mel_t[:, st:st + MEL_STEP] for st in starts[lo:lo + batch_size]])
+            windows = torch.stack([mel_t[:, st:st + MEL_STEP] for st in starts[outputs]])
             windows = windows.unsqueeze(1).to(self.device)  # B,1,80,16
             t_model = time.perf_counter()
             steps["paste"] += t_model - t
 
-            with self._model_lock, torch.inference_mode():
-                if self.autocast is not None:
-                    with torch.autocast(self.device.type, dtype=self.autocast):
-                        predictions = self.model(windows, face_input.to(self.device))  # autocast: eager only
-                else:
-                    predictions = self.lip_model(windows, face_input.to(self.device))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            predictions = self._forward(windows, face_input.to(self.device))
             t_paste = time.perf_counter()
             steps["model"] += t_paste - t_model
 
             if on_gpu:
                 with torch.inference_mode():
-                    mouths = [m.cpu().numpy() for m in blend.blend_mouths(predictions, regions_t)]
+                    mouths = [m.cpu().numpy() for m in blend.blend_mouths(predictions, regions_t, inner)]
             else:
-                mouths = blend.blend_mouths_np(predictions, regions)
+                mouths = blend.blend_mouths_np(predictions, regions, inner)
             out = []
-            for s, mouth in zip(idx, mouths):
+            for i, s, mouth in zip(outputs, idx, mouths):
+                while next_out < i:  # frames without a face before this one
+                    out.append(frames[source_of[next_out]])
+                    next_out += 1
                 x1, y1, x2, y2 = crop_boxes[s]
                 frame = frames[s].copy()
                 frame[y1:y2, x1:x2] = mouth
                 out.append(frame)
+                next_out += 1
             steps["paste"] += time.perf_counter() - t_paste
             yield from out
+        while next_out < len(source_of):
+            yield frames[source_of[next_out]]
+            next_out += 1
+
+    def _forward(self, windows: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Wav2Lip on one batch, in the precision settled at load."""
+        with self._model_lock, torch.inference_mode():
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    predictions = self.model(windows, faces)  # autocast: eager modules only
+            else:
+                predictions = self.lip_model(windows, faces)  # the fast graph where chosen at load
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return predictions
 
     # ------------------------------------------------------------------ faces
 
@@ -320,7 +503,7 @@ class LipSyncer:
             raise InvalidField("resize_factor must be an integer from 1 to 8", field="options.resize_factor")
         if len(options.pads) != 4 or any(int(p) < 0 for p in options.pads):
             raise InvalidField("pads must be four non-negative integers (top, bottom, left, right)", field="options.pads")
-        if options.face_mode == "track" and options.track_every < 1:
+        if options.face_mode in ("track", "auto") and options.track_every < 1:
             raise InvalidField("track_every must be at least 1", field="options.track_every")
 
     def _keys(self, video: bytes, options: LipSyncOptions) -> tuple[str, str]:
@@ -328,7 +511,7 @@ class LipSyncer:
         parts = [options.face_mode, str(options.resize_factor), self.detector.name]
         if options.face_mode == "box":
             parts.append(repr(tuple(int(v) for v in options.box)) if options.box is not None else "none")
-        if options.face_mode == "track":
+        if options.face_mode in ("track", "auto"):
             parts.append(str(options.track_every))
         return video_key, content_key(video_key.encode(), *parts)
 
@@ -407,47 +590,77 @@ class LipSyncer:
             return _FaceEntry(info, "given", {0: box}, info.n_frames), 0
 
         keyframes = dict(entry.keyframes) if entry is not None else {}
+        detected = 0
+
+        def detect(indices, max_side: int) -> None:
+            nonlocal detected
+            indices = sorted(set(i for i in indices if i not in keyframes))
+            if not indices:
+                return
+            frames, scale = frames_for(indices)
+            t = time.perf_counter()
+            boxes = detect_boxes(self.detector, frames, max_side)
+            timings["detect"] = timings.get("detect", 0.0) + time.perf_counter() - t
+            detected += len(indices)
+            for i, b in zip(indices, boxes):
+                keyframes[i] = None if b is None else b * scale
+
         if mode == "static":
             if any(b is not None for b in keyframes.values()):
                 return replace(entry, covered=info.n_frames), 0
-            step = max(1, round(info.fps / 2))
-            candidates = [i for i in range(0, want, step)][:STATIC_TRIES]
-            max_side, per_call = STATIC_MAX_SIDE, 1  # stop at the first frame with a face
-        else:
-            candidates = [i for i in track_keyframes(want, options.track_every) if i not in keyframes]
-            max_side, per_call = TRACK_MAX_SIDE, max(1, len(candidates))
+            for i in spread_frames(want, STATIC_TRIES):  # one at a time: the first face ends the search
+                detect([i], STATIC_MAX_SIDE)
+                if keyframes[i] is not None:
+                    break
+            self._require_a_face(keyframes)
+            return _FaceEntry(info, self.detector.name, keyframes, info.n_frames), detected
 
-        detected = 0
-        t = time.perf_counter()
-        for lo in range(0, len(candidates), per_call):
-            chunk = candidates[lo:lo + per_call]
-            frames, scale = frames_for(chunk)
-            t_det = time.perf_counter()
-            boxes = detect_boxes(self.detector, frames, max_side)
-            timings["detect"] = timings.get("detect", 0.0) + time.perf_counter() - t_det
-            detected += len(chunk)
-            for i, b in zip(chunk, boxes):
-                keyframes[i] = None if b is None else b * scale
-            if mode == "static" and any(b is not None for b in boxes):
-                break
-        log.debug("face %s: %d detections in %.2f s", mode, detected, time.perf_counter() - t)
+        moving = entry.moving if entry is not None else False
+        if mode == "auto" and not moving:
+            covered = entry.covered if entry is not None else 0
+            detect(spread_frames(want, AUTO_PROBES, start=covered), TRACK_MAX_SIDE)
+            probes = [keyframes[i] for i in sorted(keyframes)]
+            if all(b is not None for b in probes) and still_box(probes, AUTO_MIN_IOU, AUTO_MAX_SHIFT) is not None:
+                return _FaceEntry(info, self.detector.name, keyframes, want), detected
+            log.debug("auto face mode: the head moves or leaves the picture; tracking it")
 
-        if not any(b is not None for b in keyframes.values()):
-            tried = sorted(keyframes)
-            shown = ", ".join(str(i) for i in tried[:8]) + (", ..." if len(tried) > 8 else "")
-            raise NoFaceFound(
-                f"no face found in the source video ({self.detector.name} detector, checked "
-                f"{len(tried)} frame(s): {shown}). Use a video with a clearly visible frontal face, "
-                "or give the face's position with face_mode='box'.")
-        covered = info.n_frames if mode == "static" else want
-        return _FaceEntry(info, self.detector.name, keyframes, covered), detected
+        # track (and auto, once the head moved or went missing): every k-th frame and the last,
+        # then the frames around each appearance / disappearance, so those are exact
+        max_gap = self._max_gap(info)
+        detect(track_keyframes(want, options.track_every) + [want - 1], TRACK_MAX_SIDE)
+        detect(refine_frames(keyframes, want, max_gap), TRACK_MAX_SIDE)
+        self._require_a_face(keyframes)
+        return _FaceEntry(info, self.detector.name, keyframes, want, moving=True), detected
+
+    def _require_a_face(self, keyframes: dict) -> None:
+        if any(b is not None for b in keyframes.values()):
+            return
+        tried = sorted(keyframes)
+        shown = ", ".join(str(i) for i in tried[:8]) + (", ..." if len(tried) > 8 else "")
+        raise NoFaceFound(
+            f"no face found in the source video ({self.detector.name} detector, checked "
+            f"{len(tried)} frame(s): {shown}). Use a video with a clearly visible frontal face, "
+            "or give the face's position with face_mode='box'.")
 
     @staticmethod
-    def _boxes(entry: _FaceEntry, options: LipSyncOptions, n: int) -> np.ndarray:
-        """[n, 4] int boxes (source pixels) for frames [0, n)."""
-        if options.face_mode == "track":
-            boxes = interpolate_track(entry.keyframes, n)
+    def _max_gap(info: VideoInfo) -> int:
+        return int(MAX_BRIDGE_SECONDS * info.fps + 1e-6)
+
+    def _layout(self, entry: _FaceEntry, options: LipSyncOptions, n: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """([n, 4] int boxes in source pixels, [n] bool face present, mode used) for frames [0, n)."""
+        mode = options.face_mode
+        found = [b for _, b in sorted(entry.keyframes.items()) if b is not None]
+        if mode in ("track", "auto") and (mode == "track" or entry.moving):
+            # laid out over every settled frame, then cut: a shorter answer gets the same boxes
+            present = face_presence(entry.keyframes, max(n, entry.covered), self._max_gap(entry.info))
+            boxes = track_boxes(entry.keyframes, present, SMOOTH_WINDOW)[:n]
+            present = present[:n]
+            used = "track" if mode == "track" else "auto/track"
         else:
-            box = next(b for _, b in sorted(entry.keyframes.items()) if b is not None)
+            if mode == "auto":
+                box, used = np.median(np.stack(found), axis=0), "auto/still"
+            else:
+                box, used = found[0], mode
             boxes = np.repeat(np.asarray(box, dtype=np.float64)[None], n, axis=0)
-        return np.round(boxes).astype(np.int64)
+            present = np.ones(n, dtype=bool)
+        return np.round(boxes).astype(np.int64), present, used
