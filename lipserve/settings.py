@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
     torch_threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
+    cross_request_batching: Literal["auto", "on", "off"] = Field("auto", description="Merge the Wav2Lip frame batches of requests in flight on one replica into one forward; auto = on for CUDA, off on CPU (measured slower there).")
+    batching_wait_ms: float = Field(5.0, ge=0, description="Longest a merged forward waits for requests in flight that have no frames queued yet.")
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="Cap on this process's CUDA memory as a share of the card; None = the replica's Ray GPU share (no cap in one process).")
 
     # weights
     weights_dir: Path = Field(Path("weights"), description="Where checkpoint files are looked up (see weights/manifest.toml).")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -26,9 +25,11 @@ import scipy.signal
 import torch
 
 from .. import media
+from ..batching import SharedForward, merge_enabled
 from ..audio.wav2lip_mel import MEL_FRAMES_PER_SECOND, MEL_STEP, SAMPLE_RATE, melspectrogram
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
+from ..gpu import BatchBudget, cap_memory, memory_fraction
 from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, NoFaceFound, ResolutionTooLarge,
                       VideoTooLong)
 from ..media import VideoInfo
@@ -46,7 +47,9 @@ TRACK_MAX_SIDE = 480   # track mode detects often, on a smaller copy (Haar misse
 STATIC_TRIES = 5       # static mode: frames tried (0, then every half second) before giving up
 CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (FACTS.md)
 CUDA_BYTES_PER_ITEM = 64 * 1024 * 1024  # generous fp16 activation budget per 96x96 sample
-CUDA_MAX_BATCH = 128
+CUDA_MAX_BATCH = 128   # frames per batch of one request
+CUDA_MAX_MERGED = 512  # frames per forward when concurrent requests' batches merge
+CPU_MAX_MERGED = 4 * CPU_BATCH_SIZE
 DECODE_WINDOW_BYTES = 512 * 1024 * 1024  # plan_faces decodes at most this much at once
 
 
@@ -120,9 +123,17 @@ def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class LipSyncer:
     """Loads Wav2Lip (and S3FD when its file is there) once; `plan_faces` and `sync` per request."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, gpu_share: float | None = None):
+        """`gpu_share`: the replica's GPU fraction (Ray's num_gpus); caps CUDA memory (lipserve.gpu)."""
         self.settings = settings
         self.device = pick_device(settings.device)
+        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
+        self.budget = BatchBudget(self.device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=CUDA_MAX_MERGED,
+                                  cpu_items=CPU_MAX_MERGED, cap_bytes=self.memory_cap)
+        # every Wav2Lip forward goes through this: concurrent requests' frames share forwards
+        self.wav2lip = SharedForward(self._wav2lip_forward, merge=merge_enabled(settings, self.device),
+                                     max_items=self.budget.items, wait_s=settings.batching_wait_ms / 1000,
+                                     device=self.device, name="wav2lip")
         self.model, self.synthetic_weights = load_wav2lip(settings, self.device)
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
@@ -135,7 +146,6 @@ class LipSyncer:
         if s3fd is None:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
-        self._model_lock = threading.Lock()  # one forward at a time per replica keeps memory bounded
 
     # ------------------------------------------------------------------ public
 
@@ -147,6 +157,8 @@ class LipSyncer:
             "face_detector": self.detector.name,
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "fp32",
             "batch_size": self.batch_size(),
+            "batching": self.wav2lip.describe(),
+            "memory_cap_bytes": self.memory_cap,
             "face_cache": self.face_cache.stats(),
         }
 
@@ -154,11 +166,10 @@ class LipSyncer:
         self.face_cache = LRUCache(self.settings.face_cache_size)
 
     def batch_size(self) -> int:
-        """Samples per Wav2Lip forward: from free memory on CUDA, a fixed sane size on CPU."""
+        """Frames per Wav2Lip batch of one request: from the memory cap on CUDA, a fixed sane size on CPU."""
         if self.device.type != "cuda":
             return CPU_BATCH_SIZE
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free // CUDA_BYTES_PER_ITEM)))
+        return min(CUDA_MAX_BATCH, self.budget.items())
 
     def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None) -> FacePlan:
         """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None)."""
@@ -186,6 +197,7 @@ class LipSyncer:
     def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
              plan: FacePlan | None = None) -> SyncResult:
         """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
+        t_start = time.perf_counter()
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
         self._check_options(options)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -241,7 +253,7 @@ class LipSyncer:
         t = time.perf_counter()
         steps = {"model": 0.0, "paste": 0.0}
         out_frames = self._synced_frames(frames, crop_boxes, source_of, mel, starts, steps)
-        mp4 = media.encode_mp4(out_frames, info.fps, audio, int(sample_rate))
+        mp4 = media.encode_mp4(self._pulled(out_frames, t_start, timings), info.fps, audio, int(sample_rate))
         # the frames were produced lazily inside the encoder's loop: separate the two
         timings["model"], timings["paste"] = steps["model"], steps["paste"]
         timings["encode"] = time.perf_counter() - t - steps["model"] - steps["paste"]
@@ -275,14 +287,7 @@ class LipSyncer:
             t_model = time.perf_counter()
             steps["paste"] += t_model - t
 
-            with self._model_lock, torch.inference_mode():
-                if self.autocast is not None:
-                    with torch.autocast(self.device.type, dtype=self.autocast):
-                        predictions = self.model(windows, face_input.to(self.device))
-                else:
-                    predictions = self.model(windows, face_input.to(self.device))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            predictions = self.wav2lip(windows, face_input.to(self.device))
             t_paste = time.perf_counter()
             steps["model"] += t_paste - t_model
 
@@ -299,6 +304,28 @@ class LipSyncer:
                 out.append(frame)
             steps["paste"] += time.perf_counter() - t_paste
             yield from out
+
+    def _pulled(self, frames, t_start: float, timings: dict):
+        """The frames as the encoder pulls them. Until the last one this request is in flight for
+        cross-request batching; timings['first_frame'] = seconds from t_start to the first frame
+        (what a streaming answer could send first)."""
+        with self.wav2lip.request():
+            for i, frame in enumerate(frames):
+                if i == 0:
+                    timings["first_frame"] = time.perf_counter() - t_start
+                yield frame
+
+    def _wav2lip_forward(self, windows: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """One Wav2Lip forward (B,1,80,16 mel windows + B,6,96,96 faces -> B,3,96,96), maybe merged."""
+        with torch.inference_mode():
+            if self.autocast is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    predictions = self.model(windows, faces)
+            else:
+                predictions = self.model(windows, faces)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return predictions
 
     # ------------------------------------------------------------------ faces
 
