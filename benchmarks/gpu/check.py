@@ -15,6 +15,7 @@ every section, so whatever ran is there even if the process is killed):
   memory        each GPU stage's peak memory alone, against its GPU share in serve_config.yaml,
                 on a 16 GB T4, a 24 GB L4 and an 80 GB H100
   throughput    1, 4, 16 concurrent requests in one process, cross-request batching on and off
+  oom           the memory cap on a real card: a Wav2Lip call far over a low cap splits and succeeds
   encode        the output's H.264 encode: libx264 (what lipserve uses) against h264_nvenc
 
 Usage (see benchmarks/gpu/README.md):  benchmarks/gpu/run.sh [--device cuda|cpu] [--quick] [--out DIR]
@@ -309,7 +310,9 @@ def networks(s: Section, args, device: torch.device) -> None:
     reps, warmup = (1, 0) if args.quick else (5, 1)  # quick: the peak-memory call is the warm-up
     rows, per_item_memory = [], {}
     s.note(SYNTHETIC)
-    for name, build, make_inputs, forward, batches, unit in _networks(args.quick, device):
+    for index, (name, build, make_inputs, forward, batches, unit) in enumerate(_networks(args.quick, device)):
+        if args.quick and index > 0:
+            precisions = ["fp32"]  # CI keeps the code alive: one network through the reduced precisions is enough
         if s.remaining() < 20:
             s.note(f"{name}: skipped, out of time")
             continue
@@ -595,13 +598,14 @@ def throughput_section(s: Section, args, device: torch.device, bench_box: dict) 
     if bench is None:
         raise RuntimeError("the pipeline section did not build the stages")
     levels = [2] if args.quick else [1, 4, 16]
+    merges = (True,) if args.quick else (False, True)
     seconds = 2
     shared = bench.lipsync.wav2lip
     default_merge = shared.merge
     rows = []
     try:
         for concurrency in levels:
-            for merge in (False, True):
+            for merge in merges:
                 if s.remaining() < 25:
                     s.note(f"{concurrency} concurrent, batching {merge}: skipped, out of time")
                     continue
@@ -630,6 +634,50 @@ def throughput_section(s: Section, args, device: torch.device, bench_box: dict) 
              "mean first frame s", "Wav2Lip forwards", "frames/forward", "merged forwards", "OOM splits",
              "peak GPU MiB (both stages)"], rows)
     s["rows"] = rows
+
+
+# ============================================================================ the memory cap and OOM
+
+def oom_section(s: Section, args, device: torch.device, bench_box: dict) -> None:
+    """lipserve.gpu on a real card: cap this process's memory low, push a Wav2Lip batch far over
+    it through SharedForward, and see it split and succeed instead of failing."""
+    if device.type != "cuda":
+        s.note("CUDA only (on a CPU the out-of-memory splitting is covered by tests/test_batching.py, which "
+               "raises torch's out-of-memory type on purpose)")
+        return
+    from lipserve.batching import SharedForward
+    from lipserve.gpu import CUDA_CONTEXT_RESERVE_BYTES, BatchBudget, cap_memory
+    from lipserve.lipsync.syncer import CUDA_BYTES_PER_ITEM
+
+    bench = bench_box.get("bench")
+    if bench is None:
+        raise RuntimeError("the pipeline section did not build the stages")
+    items = 1024
+    gen = torch.Generator().manual_seed(1)
+    windows = (torch.rand(items, 1, 80, 16, generator=gen) * 8 - 4).to(device)
+    faces = torch.rand(items, 6, 96, 96, generator=gen).to(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    room = 2 * GIB
+    fraction = min(1.0, (torch.cuda.memory_allocated(device) + room + CUDA_CONTEXT_RESERVE_BYTES) / total)
+    try:
+        cap = cap_memory(device, fraction)
+        budget = BatchBudget(device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=4096, cpu_items=16, cap_bytes=cap)
+        shared = SharedForward(bench.lipsync._wav2lip_forward, merge=True, max_items=4096, wait_s=0.0, device=device,
+                               name="wav2lip (capped)")
+        t = time.perf_counter()
+        out = shared(windows, faces)
+        seconds = time.perf_counter() - t
+        stats = shared.stats.as_dict()
+        s.table("one Wav2Lip call far over a low memory cap", ["items asked", "cap GiB", "budget's batch",
+                                                                "OOM splits", "forwards", "ceiling after",
+                                                                "seconds", "output"],
+                [[items, cap / GIB, budget.items(), stats["oom_splits"], stats["forwards"], shared.max_items(),
+                  seconds, str(tuple(out.shape))]])
+        s["stats"] = stats
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
+        torch.cuda.empty_cache()
 
 
 # ============================================================================ encode
@@ -682,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=Path, default=ROOT / ".whl" / "inputs",
                         help="clip.mp4 and speech_*.wav (benchmarks/gpu/make_inputs.py); made here if absent")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget (default 420, quick 240)")
-    parser.add_argument("--sections", default="environment,networks,pipeline,memory,throughput,encode")
+    parser.add_argument("--sections", default="environment,inputs,networks,pipeline,memory,throughput,oom,encode")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out DIR is needed when $OUT is not set")
@@ -699,22 +747,28 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.inputs / "clip.mp4").is_file():
+    def inputs(s: Section) -> None:
+        if (args.inputs / "clip.mp4").is_file():
+            s.note(f"carried inputs in {args.inputs}")
+            return
         made = Path(tempfile.mkdtemp(prefix="lipserve-check-inputs-"))
-        print(f"no inputs in {args.inputs}: making them in {made} (speech-like noise in quick mode)", flush=True)
+        s.note(f"no inputs in {args.inputs}: made them in {made} (speech-like noise in quick mode)")
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from make_inputs import make
 
+        make(made, synthetic_speech=args.quick)
         args.inputs = made
-        make(args.inputs, synthetic_speech=args.quick)
+
     wanted = set(args.sections.split(","))
     bench_box: dict = {}
     steps = [
         ("environment", lambda s: environment(s, args), 1),
+        ("inputs", inputs, 1),
         ("networks", lambda s: networks(s, args, device), 30),
         ("pipeline", lambda s: pipeline_section(s, args, device, bench_box), 40),
         ("memory", lambda s: memory_section(s, args, device, bench_box), 20),
         ("throughput", lambda s: throughput_section(s, args, device, bench_box), 30),
+        ("oom", lambda s: oom_section(s, args, device, bench_box), 15),
         ("encode", lambda s: encode_section(s, args, device), 10),
     ]
     for name, fn, needs in steps:

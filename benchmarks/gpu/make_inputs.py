@@ -27,8 +27,7 @@ RATE = 16000
 TEXTS = {
     2: "Hello there, nice to meet you.",
     10: ("Good morning everyone. Today I want to tell you about a small project of mine. "
-         "It turns a short video and a line of text into a new video, where the same person "
-         "says that line in their own voice."),
+         "It turns a short video and a line of text into a new video, where that person says the line."),
 }
 
 
