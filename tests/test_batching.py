@@ -276,3 +276,28 @@ def test_lipsync_survives_an_out_of_memory_with_the_same_video(merging_syncer, m
     assert sizes[0] == 10 and max(sizes[1:]) <= 6 and syncer.wav2lip.stats.oom_splits >= 1
     assert np.abs(_frames(result.mp4) - expected).max() <= 1
     assert 0 < result.timings["first_frame"] < wall
+
+
+def test_s3fd_batches_split_on_out_of_memory_with_the_same_boxes(monkeypatch):
+    from lipserve.lipsync.faces import S3FDDetector
+    from lipserve.models.s3fd import S3FD
+    from lipserve.weights.synthetic import fill_synthetic
+
+    detector = S3FDDetector(fill_synthetic(S3FD()).eval(), CPU, batch_size=3)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 64, 96, 3), dtype=np.uint8)
+    expected = detector.detect(frames)
+    real = detector.raw_outputs
+    sizes = []
+
+    def one_at_a_time(batch):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise OOM("CUDA out of memory (injected)")
+        return real(batch)
+
+    monkeypatch.setattr(detector, "raw_outputs", one_at_a_time)
+    found = detector.detect(frames)
+    assert sizes[:2] == [3, 2] and sizes[2:] == [1, 1, 1]
+    assert len(found) == 3
+    for a, b in zip(found, expected):
+        assert (a is None and b is None) or np.allclose(a, b, atol=1e-3)
