@@ -25,13 +25,13 @@ import scipy.signal
 import torch
 
 from .. import media
-from ..batching import SharedForward, merge_enabled
 from ..audio.wav2lip_mel import MEL_FRAMES_PER_SECOND, MEL_STEP, SAMPLE_RATE, melspectrogram
+from ..batching import SharedForward, merge_enabled
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
-from ..gpu import BatchBudget, cap_memory, memory_fraction
 from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, NoFaceFound, ResolutionTooLarge,
                       VideoTooLong)
+from ..gpu import BatchBudget, cap_memory, memory_fraction
 from ..media import VideoInfo
 from ..settings import Settings
 from . import blend
