@@ -235,6 +235,16 @@ def test_two_concurrent_requests_give_the_sequential_videos_and_share_forwards(m
     options = LipSyncOptions(face_mode="static")
     syncer.plan_faces(video, options)  # faces cached: the two requests differ only in their speech
 
+    # the frames each request hands to the encoder, keyed by its speech length
+    handed: dict[int, list] = {}
+    encode = media.encode_mp4
+
+    def spy(frames, fps, audio, sample_rate, **kw):
+        frames = [np.array(f) for f in frames]
+        handed.setdefault(len(audio), []).append(np.stack(frames).astype(np.int16))
+        return encode(frames, fps, audio, sample_rate, **kw)
+
+    monkeypatch.setattr(media, "encode_mp4", spy)
     before = syncer.wav2lip.stats.merged_forwards
     sequential = {k: syncer.sync(video, s, 16000, options).mp4 for k, s in speech.items()}
     assert syncer.wav2lip.stats.merged_forwards == before  # one at a time: nothing to merge
@@ -245,11 +255,12 @@ def test_two_concurrent_requests_give_the_sequential_videos_and_share_forwards(m
     stats = syncer.wav2lip.stats
     assert stats.merged_forwards - before >= 1 and stats.max_requests_per_forward == 2, stats
 
-    for k in speech:
+    for k, s in speech.items():
+        alone, together = handed[len(s)]
+        # merged forwards may pick other float32 kernels (~1e-7 apart): at most one 8-bit level after rounding
+        assert alone.shape == together.shape and np.abs(alone - together).max() <= 1
         a, b = _frames(sequential[k]), _frames(concurrent[k])
-        assert a.shape == b.shape
-        # the merged forward's kernels may round differently in float32: within one 8-bit level after H.264
-        assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
+        assert a.shape == b.shape and np.abs(a - b).mean() < 0.5  # and the same videos after H.264
 
 
 def test_lipsync_survives_an_out_of_memory_with_the_same_video(merging_syncer, monkeypatch):
