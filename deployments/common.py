@@ -144,7 +144,10 @@ def replica_gpu_share() -> float | None:
     The stages cap their CUDA memory at it (lipserve.gpu): Ray does not isolate fractional GPUs."""
     if not ray.is_initialized():
         return None
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # the driver (a test, a script), not a replica
+        return None
+    share = context.get_assigned_resources().get("GPU")
     return float(share) if share else None
 
 
