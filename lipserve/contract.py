@@ -27,6 +27,8 @@ class RequestOptions(BaseModel):
     overwrite: bool = False
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
+    audio: str | None = Field(None, description="gs:// or local path of the speech to say, instead of text-to-speech "
+                                               "(any audio or video file; `word` may then be empty)")
     deterministic_voice: bool = Field(True, description="FreeVC prior noise off: identical audio for identical input")
 
     @field_validator("pads")

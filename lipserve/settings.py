@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     cross_request_batching: Literal["auto", "on", "off"] = Field("auto", description="Merge the Wav2Lip frame batches of requests in flight on one replica into one forward; auto = on for CUDA, off on CPU (measured slower there).")
     batching_wait_ms: float = Field(5.0, ge=0, description="Longest a merged forward waits for requests in flight that have no frames queued yet.")
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="Cap on this process's CUDA memory as a share of the card; None = the replica's Ray GPU share (no cap in one process).")
+    wavlm_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="WavLM execution: auto = the OpenVINO fp32 graph on CPU when installed and within its bound, else eager.")
+    synthesizer_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="FreeVC SynthesizerTrn execution (as wavlm_backend).")
+    wav2lip_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="Wav2Lip execution (as wavlm_backend).")
+    s3fd_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="S3FD execution (as wavlm_backend).")
+    fast_cache_dir: Path | None = Field(Path("~/.cache/lipserve/openvino"), description="Where converted OpenVINO graphs are kept between starts (keyed by a hash of the weights); empty = convert at every start.")
 
     # weights
     weights_dir: Path = Field(Path("weights"), description="Where checkpoint files are looked up (see weights/manifest.toml).")
@@ -84,6 +89,19 @@ class Settings(BaseSettings):
     # serving
     auth_token: str | None = Field(None, description="When set, requests need `Authorization: Bearer <token>`.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress.")
+
+    @field_validator("fast_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def cpu_threads(self) -> int:
+        """Threads a stage's CPU kernels may use: torch_threads, or torch's default."""
+        if self.torch_threads:
+            return self.torch_threads
+        import torch
+
+        return torch.get_num_threads()
 
     @field_validator("allowed_buckets", "tts_order", mode="before")
     @classmethod

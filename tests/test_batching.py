@@ -169,7 +169,10 @@ def test_voice_content_retries_wavlm_in_shorter_windows(monkeypatch):
     tried = []
 
     class FakeWavLM:
-        def extract_features_chunked(self, wav, *, chunk_frames, context_frames):
+        def extract_features(self, wav):
+            return torch.zeros(1, wav.shape[-1] // 320, 4)
+
+        def extract_features_chunked(self, wav, *, chunk_frames, context_frames, extract=None):
             tried.append((chunk_frames, context_frames))
             if chunk_frames >= 500:
                 raise OOM("injected")
@@ -177,8 +180,9 @@ def test_voice_content_retries_wavlm_in_shorter_windows(monkeypatch):
             assert chunk_frames + 2 * context_frames < wav.shape[-1] // 320
             return torch.zeros(1, wav.shape[-1] // 320, 4)
 
-    fake = SimpleNamespace(wavlm=FakeWavLM(), device=CPU, wavlm_chunk_frames=1000, wavlm_context_frames=250,
-                           _autocast=lambda: torch.autocast("cpu", enabled=False))
+    wavlm = FakeWavLM()
+    fake = SimpleNamespace(wavlm=wavlm, device=CPU, wavlm_chunk_frames=1000, wavlm_context_frames=250,
+                           _autocast=lambda: torch.autocast("cpu", enabled=False), _content_runner=lambda: wavlm)
     features = VoiceConverter.content(fake, np.zeros(16000 * 20, dtype=np.float32))  # 20 s: 1000 frames
     assert features.shape == (1, 4, 1000)
     assert tried[0] == (1000, 250) and tried[-1][0] < 500
@@ -218,8 +222,9 @@ def test_merging_is_on_for_cuda_and_off_on_cpu_by_default():
 
 @pytest.fixture(scope="module")
 def merging_syncer(tmp_path_factory) -> LipSyncer:
+    # eager Wav2Lip: the batcher is under test here, not the fast graph (lipserve.fast), which merges the same way
     settings = Settings(weights_dir=tmp_path_factory.mktemp("no_weights"), allow_synthetic_weights=True,
-                        device="cpu", cross_request_batching="on", batching_wait_ms=3000)
+                        device="cpu", cross_request_batching="on", batching_wait_ms=3000, wav2lip_backend="eager")
     return LipSyncer(settings)
 
 
@@ -271,7 +276,7 @@ def test_lipsync_survives_an_out_of_memory_with_the_same_video(merging_syncer, m
     expected = _frames(syncer.sync(video, speech, 16000, options).mp4)
 
     monkeypatch.setattr(syncer.wav2lip, "_oom_ceiling", None)  # restored after: other tests see no ceiling
-    real_model = syncer.model
+    real_model = syncer.lip_model  # what a CPU fp32 forward calls
     sizes = []
 
     def small_card(windows, faces):
@@ -280,7 +285,7 @@ def test_lipsync_survives_an_out_of_memory_with_the_same_video(merging_syncer, m
             raise OOM("CUDA out of memory (injected)")
         return real_model(windows, faces)
 
-    monkeypatch.setattr(syncer, "model", small_card)
+    monkeypatch.setattr(syncer, "lip_model", small_card)
     t = time.perf_counter()
     result = syncer.sync(video, speech, 16000, options)
     wall = time.perf_counter() - t

@@ -469,9 +469,12 @@ class Bench:
                 # quick (CI): one second of it keeps every code path at a quarter of the work
                 wavs[text] = (audio[:rate], rate) if args.quick else (audio, rate)
                 self.texts[seconds] = text
+        # quick (CI): eager networks, not the CPU fast graphs (converting them at load costs tens of seconds);
+        # on a GPU the backends' `auto` is eager anyway
+        eager = {f"{n}_backend": "eager" for n in ("wavlm", "synthesizer", "wav2lip", "s3fd")} if args.quick else {}
         self.settings = Settings(storage_root=self.root, weights_dir=self.root / "no-weights", device=device.type,
                                  allow_synthetic_weights=True, request_timeout_s=1800, max_speech_seconds=60,
-                                 face_mode="static")
+                                 face_mode="static", **eager)
         t = time.perf_counter()
         # the WavLM (one layer in quick) and SynthesizerTrn the networks section built: the same synthetic
         # rule the stage would apply, without filling 1.2 GB of WavLM weights twice
