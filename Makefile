@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench gpu-wheels gpu-check-cpu clean
 
 # Create/refresh the venv. The CPU torch wheel is installed first (pinned in
 # requirements/cpu-torch.txt) so the project's torch range never pulls a CUDA build.
@@ -28,6 +28,21 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py
+
+# The one-shot GPU check (benchmarks/gpu/README.md): the py3.12 manylinux wheels it needs on a GPU box
+# without internet, and its inputs, into the ignored .whl/ (carry it; under 64 MiB with the repo).
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels: $(STAMP)
+	rm -f .whl/*.whl
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl -r benchmarks/gpu/wheels.txt
+	$(VPY) benchmarks/gpu/make_inputs.py --out .whl/inputs
+	$(VPY) benchmarks/gpu/wheels.py .whl
+
+# The same check on this machine's CPU, small (what CI runs through tests/test_gpu_check.py).
+gpu-check-cpu: $(STAMP)
+	benchmarks/gpu/run.sh --device cpu --quick --out out/gpu-check-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -105,6 +105,7 @@ class StageReplica:
             "synthetic": bool(getattr(self.worker, "synthetic_weights", False)),
             "replica_pid": _pid(),
             "gpu_ids": _gpu_ids(),  # what Ray assigned (logical on a CPU box; torch may still see none)
+            "gpu_share": replica_gpu_share(),  # this replica's num_gpus; its CUDA memory is capped at it
         })
         return desc
 
@@ -136,6 +137,18 @@ def _pid() -> int:
     import os
 
     return os.getpid()
+
+
+def replica_gpu_share() -> float | None:
+    """This replica's GPU fraction as Ray assigned it (its num_gpus), None outside Ray or with none.
+    The stages cap their CUDA memory at it (lipserve.gpu): Ray does not isolate fractional GPUs."""
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # the driver (a test, a script), not a replica
+        return None
+    share = context.get_assigned_resources().get("GPU")
+    return float(share) if share else None
 
 
 def _gpu_ids() -> list[str]:

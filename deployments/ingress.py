@@ -246,7 +246,7 @@ class Ingress:
             self.metrics.failed("request", err.code if err is not None else error_code(exc))
             return error_response(exc, request_id)
         # the ingress's own steps and the whole request, beside the stages' own latencies
-        for step in ("download", "upload", "total"):
+        for step in ("download", "upload", "first_frame", "total"):
             if step in response.step_times:
                 self.metrics.observe("request" if step == "total" else step, "ingress", response.step_times[step])
         return JSONResponse(response.model_dump())

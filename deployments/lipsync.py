@@ -9,7 +9,7 @@ from ray import serve
 
 from lipserve.pipeline import StageOutput
 
-from .common import StageReplica, resolve
+from .common import StageReplica, replica_gpu_share, resolve
 
 
 @serve.deployment(
@@ -28,7 +28,7 @@ class LipSyncDeployment(StageReplica):
     def build(self, settings):
         from lipserve.lipsync import LipSyncer
 
-        return LipSyncer(settings)
+        return LipSyncer(settings, gpu_share=replica_gpu_share())
 
     async def plan_faces(self, video, options: dict, frames_needed: int | None = None) -> StageOutput:
         from lipserve.lipsync import LipSyncOptions

@@ -9,7 +9,7 @@ from ray import serve
 
 from lipserve.pipeline import StageOutput, convert_voice
 
-from .common import StageReplica, resolve
+from .common import StageReplica, replica_gpu_share, resolve
 
 
 @serve.deployment(
@@ -28,7 +28,7 @@ class VoiceDeployment(StageReplica):
     def build(self, settings):
         from lipserve.voice import VoiceConverter
 
-        return VoiceConverter(settings)
+        return VoiceConverter(settings, gpu_share=replica_gpu_share())
 
     async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
                       deterministic: bool = False, seed: int | None = None) -> StageOutput:

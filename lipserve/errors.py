@@ -145,6 +145,14 @@ class ModelNotLoaded(Unavailable):
     code = "model_not_loaded"
 
 
+class GPUOutOfMemory(Overloaded):
+    """A forward ran out of GPU memory even one item at a time (batches shrink first): the card is
+    shared with other work right now, so a retry later can succeed."""
+
+    code = "gpu_out_of_memory"
+    retry_after = 10
+
+
 class WeightsMissing(Unavailable):
     """Checkpoint files absent and synthetic weights not allowed. Operator's fault, not the caller's."""
 

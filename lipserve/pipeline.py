@@ -221,11 +221,14 @@ class Outcome:
     sync: Any = None        # SyncResult
     engines: dict[str, str] = field(default_factory=dict)
     extra_warnings: list[str] = field(default_factory=list)
+    first_frame: float | None = None  # seconds from the request's start to its first lip-synced frame
 
 
 def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer, outcome: Outcome,
                    output_uri: str) -> LipVideoResponse:
     step_times = {k: round(timer.step_times[k], 4) for k in STAGES if k in timer.step_times}
+    if outcome.first_frame is not None:
+        step_times["first_frame"] = round(outcome.first_frame, 4)
     step_times["total"] = round(timer.total(), 4)
     synthetic = bool(getattr(outcome.voice, "synthetic_weights", False) or getattr(outcome.sync, "synthetic_weights", False))
     warnings = (list(getattr(outcome.speech, "fallbacks", []) or []) + list(getattr(outcome.voice, "warnings", []) or [])
@@ -338,8 +341,13 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
     else:
         # a given box: validate it at once, beside the audio branch
         (outcome.speech, outcome.voice, _), outcome.plan = await gather_or_cancel(audio_branch(), video_branch(None))
+    sync_called = timer.total()
     outcome.sync = await remote_stage("lipsync", stages.sync(video_token, outcome.voice.audio, outcome.voice.sample_rate,
                                                             pre.lipsync, outcome.plan))
+    # the stage's own clock from its start to the first frame, on this request's clock (no skew between nodes)
+    first_in_stage = (getattr(outcome.sync, "timings", None) or {}).get("first_frame")
+    if first_in_stage is not None:
+        outcome.first_frame = sync_called + first_in_stage
     outcome.engines = stages.engines()
     await local_stage("upload", write_output, storage, request.output_video_gs, outcome.sync.mp4, pre.overwrite)
     response = build_response(request, request_id, timer, outcome, request.output_video_gs)

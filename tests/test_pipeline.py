@@ -119,7 +119,10 @@ def test_pipeline_end_to_end_on_local_paths(local_pipeline):
     response = pipeline.run(_request(word="Hello there.", user_video_gs="src.mp4", output_video_gs="out/a.mp4"),
                             request_id="local-1", progress=lambda s, e, sec: events.append((s, e)))
     assert response.request_id == "local-1"
-    assert set(STAGES) | {"total"} == set(response.step_times)
+    assert set(STAGES) | {"first_frame", "total"} == set(response.step_times)
+    # the first lip-synced frame comes after the speech and its voice conversion, before the end
+    st = response.step_times
+    assert st["tts"] + st["voice"] < st["first_frame"] < st["total"]
     assert response.synthetic_weights and "SYNTHETIC" in response.warnings[0]
     assert response.precision["voice"] == "fp32" and -1 <= response.voice_similarity <= 1
     assert {(s, "end") for s in STAGES} <= set(events)

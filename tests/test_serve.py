@@ -134,6 +134,7 @@ def test_gcs_to_gcs_request_gives_a_valid_mp4(served):
     assert body["output_video_gs"] == f"gs://{served['bucket']}/out/first.mp4"
     assert set(STAGES) | {"total"} <= set(body["step_times"]), body["step_times"]
     assert all(v >= 0 for v in body["step_times"].values())
+    assert 0 < body["step_times"]["first_frame"] < body["step_times"]["total"]
     assert body["synthetic_weights"] is True and "SYNTHETIC" in body["warnings"][0]
     assert {"tts", "voice", "lipsync", "faces"} <= set(body["engines"])
     # the voice stage says what it ran in (CPU: fp32) and how close the result is to the reference voice
@@ -268,6 +269,9 @@ def test_health_models_and_preload(served):
     # the GPU fractions were scheduled on the logical GPUs, and the stages fell back to CPU
     assert stages["voice"]["device"] == "cpu" and stages["lipsync"]["device"] == "cpu"
     assert len(stages["voice"]["gpu_ids"]) == 1 and len(stages["lipsync"]["gpu_ids"]) == 1
+    # Ray tells each replica its GPU share; the stages cap their CUDA memory at it (a no-op on CPU)
+    assert stages["voice"]["gpu_share"] == 0.5 and stages["lipsync"]["gpu_share"] == 1.0
+    assert stages["lipsync"]["batching"]["merge"] is False  # auto: off on CPU
     assert stages["tts"]["gpu_ids"] == []
     models = client.get("/api/v1/models").json()
     assert models["synthetic_weights"] is True

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidField
+from ..gpu import forward_in_halves
 
 
 # S3FD post-processing constants (the face-alignment / Wav2Lip detector's values)
@@ -150,7 +151,9 @@ class S3FDDetector(FaceDetector):
         found: list[np.ndarray | None] = []
         for start in range(0, len(frames), self.batch_size):
             t0 = time.perf_counter()
-            outputs = self.raw_outputs(frames[start:start + self.batch_size])
+            # out of GPU memory: the batch is halved and retried (lipserve.gpu)
+            outputs = forward_in_halves(self.raw_outputs, [frames[start:start + self.batch_size]], self.device,
+                                        what="S3FD")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -35,10 +34,12 @@ import torch
 
 from .. import media
 from ..audio.wav2lip_mel import MEL_FRAMES_PER_SECOND, MEL_STEP, SAMPLE_RATE, melspectrogram
+from ..batching import SharedForward, merge_enabled
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
 from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, NoFaceFound, ResolutionTooLarge,
                       VideoTooLong)
+from ..gpu import BatchBudget, cap_memory, memory_fraction
 from ..media import VideoInfo
 from ..settings import Settings
 from . import blend
@@ -81,7 +82,9 @@ HAAR_WARNING = ("faces were found with OpenCV's Haar cascade because s3fd.pth is
                 "rougher than those of the official S3FD detector Wav2Lip was trained with (`lipserve weights fetch`)")
 CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (FACTS.md)
 CUDA_BYTES_PER_ITEM = 64 * 1024 * 1024  # generous fp16 activation budget per 96x96 sample
-CUDA_MAX_BATCH = 128
+CUDA_MAX_BATCH = 128   # frames per batch of one request
+CUDA_MAX_MERGED = 512  # frames per forward when concurrent requests' batches merge
+CPU_MAX_MERGED = 4 * CPU_BATCH_SIZE
 DECODE_WINDOW_BYTES = 512 * 1024 * 1024  # plan_faces decodes at most this much at once
 
 
@@ -211,9 +214,17 @@ def _to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 class LipSyncer:
     """Loads Wav2Lip (and S3FD when its file is there) once; `plan_faces` and `sync` per request."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, gpu_share: float | None = None):
+        """`gpu_share`: the replica's GPU fraction (Ray's num_gpus); caps CUDA memory (lipserve.gpu)."""
         self.settings = settings
         self.device = pick_device(settings.device)
+        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
+        self.budget = BatchBudget(self.device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=CUDA_MAX_MERGED,
+                                  cpu_items=CPU_MAX_MERGED, cap_bytes=self.memory_cap)
+        # every Wav2Lip forward goes through this: concurrent requests' frames share forwards
+        self.wav2lip = SharedForward(self._forward, merge=merge_enabled(settings, self.device),
+                                     max_items=self.budget.items, wait_s=settings.batching_wait_ms / 1000,
+                                     device=self.device, name="wav2lip")
         self.model, self.synthetic_weights = load_wav2lip(settings, self.device)
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
@@ -236,7 +247,6 @@ class LipSyncer:
         if s3fd is None:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
-        self._model_lock = threading.Lock()  # one forward at a time per replica keeps memory bounded
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
         log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
@@ -282,6 +292,8 @@ class LipSyncer:
             "precision": self.precision_name,
             "autocast_max_levels": self.precision_gap,
             "batch_size": self.batch_size(),
+            "batching": self.wav2lip.describe(),
+            "memory_cap_bytes": self.memory_cap,
             "face_cache": self.face_cache.stats(),
             "fast_paths": self.fast_paths,
         }
@@ -294,11 +306,10 @@ class LipSyncer:
         self.face_cache = LRUCache(self.settings.face_cache_size)
 
     def batch_size(self) -> int:
-        """Samples per Wav2Lip forward: from free memory on CUDA, a fixed sane size on CPU."""
+        """Frames per Wav2Lip batch of one request: from the memory cap on CUDA, a fixed sane size on CPU."""
         if self.device.type != "cuda":
             return CPU_BATCH_SIZE
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free // CUDA_BYTES_PER_ITEM)))
+        return min(CUDA_MAX_BATCH, self.budget.items())
 
     def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None) -> FacePlan:
         """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None)."""
@@ -390,13 +401,15 @@ class LipSyncer:
     def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
              plan: FacePlan | None = None) -> SyncResult:
         """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
+        t_start = time.perf_counter()
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
         rendering, _ = self.render(video, audio, sample_rate, options, plan, timings)
         info = rendering.info
         t = time.perf_counter()
         before = timings["model"] + timings["paste"]
-        mp4 = media.encode_mp4(rendering.frames, info.fps, np.asarray(audio, dtype=np.float32).reshape(-1),
-                               int(sample_rate), colour=info.colour.for_output())
+        mp4 = media.encode_mp4(self._pulled(rendering.frames, t_start, timings), info.fps,
+                               np.asarray(audio, dtype=np.float32).reshape(-1), int(sample_rate),
+                               colour=info.colour.for_output())
         # the frames were produced lazily inside the encoder's loop: separate the two
         timings["encode"] = time.perf_counter() - t - (timings["model"] + timings["paste"] - before)
         n_out = len(rendering.source_of)
@@ -456,7 +469,7 @@ class LipSyncer:
             t_model = time.perf_counter()
             steps["paste"] += t_model - t
 
-            predictions = self._forward(windows, face_input.to(self.device))
+            predictions = self.wav2lip(windows, face_input.to(self.device))
             t_paste = time.perf_counter()
             steps["model"] += t_paste - t_model
 
@@ -482,8 +495,9 @@ class LipSyncer:
             next_out += 1
 
     def _forward(self, windows: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-        """Wav2Lip on one batch, in the precision settled at load."""
-        with self._model_lock, torch.inference_mode():
+        """One Wav2Lip forward (B,1,80,16 mel windows + B,6,96,96 faces -> B,3,96,96) in the precision
+        settled at load; requests reach it through self.wav2lip, which may merge their batches."""
+        with torch.inference_mode():
             if self.autocast is not None:
                 with torch.autocast(self.device.type, dtype=self.autocast):
                     predictions = self.model(windows, faces)  # autocast: eager modules only
@@ -492,6 +506,16 @@ class LipSyncer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         return predictions
+
+    def _pulled(self, frames, t_start: float, timings: dict):
+        """The frames as the encoder pulls them. Until the last one this request is in flight for
+        cross-request batching; timings['first_frame'] = seconds from t_start to the first frame
+        (what a streaming answer could send first)."""
+        with self.wav2lip.request():
+            for i, frame in enumerate(frames):
+                if i == 0:
+                    timings["first_frame"] = time.perf_counter() - t_start
+                yield frame
 
     # ------------------------------------------------------------------ faces
 

@@ -28,6 +28,7 @@ import torch
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
 from ..errors import InvalidAudio, LipserveError
+from ..gpu import cap_memory, first_that_fits, memory_fraction
 from ..models.freevc_configs import freevc_config
 from ..settings import Settings
 from . import reference as reference_mod
@@ -104,16 +105,18 @@ class VoiceResult:
 
 class VoiceConverter:
     def __init__(self, settings: Settings, *, wavlm=None, speaker_encoder=None, synthesizer=None,
-                 given_models_synthetic: bool = False):
+                 given_models_synthetic: bool = False, gpu_share: float | None = None):
         """Loads WavLM, the SynthesizerTrn variant and (FreeVC, FreeVC-24) the speaker encoder once.
 
         Already loaded models may be passed in (tests, sharing between converters); say with
-        `given_models_synthetic` whether any of them carries synthetic weights.
+        `given_models_synthetic` whether any of them carries synthetic weights. `gpu_share` is the
+        replica's GPU fraction (Ray's num_gpus): it caps this process's CUDA memory (lipserve.gpu).
         """
         self.settings = settings
         self.variant = settings.freevc_variant
         self.cfg = freevc_config(self.variant)
         self.device = pick_device(settings.device)
+        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
         self.precision = settings.precision
         self.autocast = autocast_dtype(self.device, settings.precision)
         if settings.torch_threads:
@@ -233,13 +236,22 @@ class VoiceConverter:
     def content(self, speech16: np.ndarray) -> torch.Tensor:
         """WavLM features of 16 kHz speech, channels first: [1, 1024, frames] float32."""
         wav = torch.from_numpy(np.ascontiguousarray(speech16, dtype=np.float32))[None].to(self.device)
-        with torch.inference_mode(), self._autocast():
-            if hasattr(self.wavlm, "extract_features_chunked"):
-                features = self.wavlm.extract_features_chunked(
-                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames,
-                    extract=self._content_runner().extract_features)
-            else:
-                features = self._content_runner().extract_features(wav)
+
+        def extract(chunk_frames: int, context_frames: int):
+            with torch.inference_mode(), self._autocast():
+                if hasattr(self.wavlm, "extract_features_chunked"):
+                    return self.wavlm.extract_features_chunked(
+                        wav, chunk_frames=chunk_frames, context_frames=context_frames,
+                        extract=self._content_runner().extract_features)
+                return self._content_runner().extract_features(wav)
+
+        # out of GPU memory: shorter windows (attention memory grows with their length squared)
+        frames = max(1, speech16.size // 320)
+        windows = [(self.wavlm_chunk_frames, self.wavlm_context_frames)]
+        while windows[-1][0] > 100 and frames > 100:
+            chunk = max(100, min(windows[-1][0], frames) // 2)
+            windows.append((chunk, min(self.wavlm_context_frames, chunk // 4)))
+        features = first_that_fits([lambda c=c, x=x: extract(c, x) for c, x in windows], self.device, "WavLM")
         return features.float().transpose(1, 2)
 
     def speaker_vector(self, reference: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -271,8 +283,14 @@ class VoiceConverter:
     def synthesize(self, content: torch.Tensor, speaker: np.ndarray, *, deterministic: bool = False,
                    generator: torch.Generator | None = None) -> np.ndarray:
         g = torch.from_numpy(speaker)[None].to(self.device)
-        with torch.inference_mode(), self._autocast():
-            out = self._synthesis_runner().infer(content, g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
+
+        def infer():
+            with torch.inference_mode(), self._autocast():
+                return self._synthesis_runner().infer(content, g, noise_scale=0.0 if deterministic else 1.0,
+                                                      generator=generator)
+
+        # out of GPU memory: once more from an emptied cache, then a 503 (never a 500)
+        out = first_that_fits([infer, infer], self.device, "FreeVC synthesis")
         return out[0, 0].float().cpu().numpy()
 
     # -- the whole conversion ---------------------------------------------------------------------
