@@ -16,7 +16,7 @@ from ..models.speaker_encoder import SpeakerEncoder
 from ..models.wavlm import WavLM
 from ..settings import Settings
 from ..weights.formats import CheckpointFormatError, check_keys, read_checkpoint
-from ..weights.resolve import checkpoint_path, load_weights
+from ..weights.resolve import build_uninitialized, checkpoint_path, load_weights
 
 log = logging.getLogger("lipserve.voice")
 
@@ -64,7 +64,7 @@ def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[
 
 def load_speaker_encoder(settings: Settings, device: torch.device | str = "cpu") -> tuple[SpeakerEncoder, bool]:
     """(SpeakerEncoder in eval mode on `device`, synthetic); the file's extra similarity_* keys are ignored."""
-    model = SpeakerEncoder()
+    model = build_uninitialized(SpeakerEncoder)  # every tensor is loaded next
     synthetic, _ = load_weights(model, kind="speaker_encoder", filename=SPEAKER_ENCODER_FILE,
                                 weights_dir=settings.weights_dir, allow_synthetic=settings.allow_synthetic_weights,
                                 what="speaker encoder")

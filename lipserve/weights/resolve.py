@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,16 @@ SYNTHETIC_WARNING = (
 
 def checkpoint_path(weights_dir: str | Path, filename: str) -> Path:
     return Path(weights_dir) / filename
+
+
+def build_uninitialized(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The network `factory()` builds, with uninitialised CPU tensors instead of torch's random
+    initialisation: for a network whose every tensor is then overwritten by `load_weights`
+    (a checkpoint, strict key check, or the synthetic weights), that initialisation is wasted
+    start-up time. Only for networks that keep all their state in parameters and buffers."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device="cpu")
 
 
 def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_dir: str | Path,
@@ -45,3 +57,24 @@ def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_d
     module.load_state_dict(ckpt.state_dict, strict=strict)
     log.info("%s: loaded %s", what, path)
     return False, ckpt
+
+
+def load_concurrently(loaders: dict) -> tuple[dict, dict[str, float]]:
+    """Run independent loaders at once ({name: () -> result}); ({name: result}, {name: seconds}).
+
+    Reading a checkpoint, building a network and filling synthetic weights mostly run in torch
+    and numpy with the GIL released, so a stage's models load side by side. The first failure
+    is raised (after the others finished)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(load):
+        start = time.perf_counter()
+        result = load()
+        return result, time.perf_counter() - start
+
+    if not loaders:
+        return {}, {}
+    with ThreadPoolExecutor(max_workers=len(loaders), thread_name_prefix="load") as pool:
+        futures = {name: pool.submit(timed, load) for name, load in loaders.items()}
+        done = {name: future.result() for name, future in futures.items()}
+    return {name: result for name, (result, _) in done.items()}, {name: s for name, (_, s) in done.items()}
