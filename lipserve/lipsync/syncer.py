@@ -33,6 +33,7 @@ from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, N
                       VideoTooLong)
 from ..media import VideoInfo
 from ..settings import Settings
+from ..weights.resolve import load_concurrently
 from . import blend
 from .faces import (FaceDetector, HaarDetector, S3FDDetector, detect_boxes, interpolate_track,
                     padded_crop_boxes, track_keyframes, validate_box)
@@ -123,19 +124,25 @@ class LipSyncer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = pick_device(settings.device)
-        self.model, self.synthetic_weights = load_wav2lip(settings, self.device)
+        # the two networks do not depend on each other: load them side by side
+        loaded, self.load_timings = load_concurrently({
+            "wav2lip": lambda: load_wav2lip(settings, self.device),
+            "s3fd": lambda: load_s3fd(settings, self.device),
+        })
+        self.model, self.synthetic_weights = loaded["wav2lip"]
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
         self.autocast = autocast_dtype(self.device, settings.precision)
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
-        s3fd = load_s3fd(settings, self.device)
+        s3fd = loaded["s3fd"]
         self.detector: FaceDetector = S3FDDetector(s3fd, self.device) if s3fd is not None else HaarDetector()
         if s3fd is None:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
         self._model_lock = threading.Lock()  # one forward at a time per replica keeps memory bounded
+        self.warm_up_report: dict[str, float] | None = None  # set by warm_up()
 
     # ------------------------------------------------------------------ public
 
@@ -148,7 +155,42 @@ class LipSyncer:
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "fp32",
             "batch_size": self.batch_size(),
             "face_cache": self.face_cache.stats(),
+            "load_timings": {name: round(seconds, 3) for name, seconds in self.load_timings.items()},
+            "warm_up": self.warm_up_report,
         }
+
+    def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
+        """Every path of a request once, on synthetic inputs (lipserve.warmup), caches untouched.
+
+        Face finding in the configured default mode and in track mode (probe, decode, the
+        detector's first runs at both working sizes); the warm-up clip holds no face, so each ends
+        in NoFaceFound, the right answer for it. Then `sync` with a given box on speech long enough
+        for one full Wav2Lip batch and a partial one (every request runs both shapes), which also
+        decodes, computes the mel windows, pastes and encodes. Returns seconds per path."""
+        from ..warmup import WarmupReport, warmup_inputs
+
+        inputs = inputs or warmup_inputs(seconds or self.settings.warmup_seconds)
+        report = WarmupReport()
+        pads, resize = tuple(self.settings.pads), int(self.settings.resize_factor)
+        frames = round(inputs.seconds * inputs.fps)
+        for mode in dict.fromkeys([self.settings.face_mode, "track"]):
+            if mode == "box":
+                continue  # nothing to find
+            options = LipSyncOptions(face_mode=mode, pads=pads, resize_factor=resize)
+            with report.path(f"faces.{mode}"):
+                try:
+                    self.plan_faces(inputs.video, options, min(frames, options.track_every + 1), use_cache=False)
+                except NoFaceFound:
+                    pass  # the expected answer for a clip without a face: the detector has run
+        batch = self.batch_size()
+        n_out = max(frames, batch + 1)
+        audio = np.resize(np.asarray(inputs.speech), int(n_out / inputs.fps * inputs.sample_rate))
+        options = LipSyncOptions(face_mode="box", box=inputs.box, pads=pads, resize_factor=resize)
+        with report.path(f"sync.{n_out}_frames_batch_{batch}"):
+            result = self.sync(inputs.video, audio, inputs.sample_rate, options, use_cache=False)
+        report.update({f"sync.{step}": round(seconds, 4) for step, seconds in result.timings.items()})
+        self.warm_up_report = dict(report)
+        return self.warm_up_report
 
     def clear_face_cache(self) -> None:
         self.face_cache = LRUCache(self.settings.face_cache_size)
@@ -160,12 +202,15 @@ class LipSyncer:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free // CUDA_BYTES_PER_ITEM)))
 
-    def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None) -> FacePlan:
-        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None)."""
+    def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None, *,
+                   use_cache: bool = True) -> FacePlan:
+        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None).
+
+        `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         t0 = time.perf_counter()
         self._check_options(options)
         video_key, entry_key = self._keys(video, options)
-        entry = self.face_cache.get(entry_key)
+        entry = self.face_cache.get(entry_key) if use_cache else None
         cache_hit = entry is not None
         info = entry.info if entry is not None else self._probe(video)
         self._check_limits(video, info)
@@ -176,7 +221,8 @@ class LipSyncer:
         if entry is None or entry.covered < want:
             frames_for = self._frames_by_decoding(video, options, timings, info)
             entry, detected = self._extend(entry, info, options, want, frames_for, timings)
-            self.face_cache.put(entry_key, entry)
+            if use_cache:
+                self.face_cache.put(entry_key, entry)
         return FacePlan(
             video_key=video_key, info=info, boxes=self._boxes(entry, options, want),
             detector=entry.detector, detected_frames=detected,
@@ -184,8 +230,10 @@ class LipSyncer:
         )
 
     def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
-             plan: FacePlan | None = None) -> SyncResult:
-        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
+             plan: FacePlan | None = None, *, use_cache: bool = True) -> SyncResult:
+        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame).
+
+        `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
         self._check_options(options)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -197,7 +245,7 @@ class LipSyncer:
         if plan is not None and plan.video_key != video_key:
             log.warning("ignoring a face plan made for another video")
             plan = None
-        entry = self.face_cache.get(entry_key)
+        entry = self.face_cache.get(entry_key) if use_cache else None
         info = plan.info if plan is not None else (entry.info if entry is not None else self._probe(video))
         self._check_limits(video, info)
         n_out = media.frames_needed(info.fps, audio.size / sample_rate)
@@ -221,7 +269,8 @@ class LipSyncer:
             if entry is None or entry.covered < n_src:
                 frames_for = self._frames_from(frames, options.resize_factor)
                 entry, detected = self._extend(entry, info, options, n_src, frames_for, timings)
-                self.face_cache.put(entry_key, entry)
+                if use_cache:
+                    self.face_cache.put(entry_key, entry)
             source_boxes = self._boxes(entry, options, n_src).astype(np.float64)
             detector = entry.detector
             cache_hit = cache_hit and detected == 0

@@ -61,6 +61,7 @@ class TTSEngine(ABC):
     """One speech engine. Engines raise TTSUnavailable for failures of the backend itself."""
 
     name: str = ""
+    online: bool = False  # needs the internet (never called by a warm-up)
     _reason: str | None = None  # why the engine cannot be used here; None = usable
 
     @property
@@ -83,6 +84,11 @@ class TTSEngine(ABC):
     @abstractmethod
     def synthesize(self, text: str, voice: str, language: str) -> EngineAudio:
         """Speak already-normalised text with a voice from voice_for()."""
+
+    def warmup_languages(self) -> list[str]:
+        """Languages whose voices a warm-up speaks once: by default the first (one voice is enough
+        when every voice runs the same way, e.g. one subprocess per call)."""
+        return self.languages()[:1]
 
     def describe(self) -> dict:
         return {

@@ -141,6 +141,10 @@ class PiperEngine(TTSEngine):
             log.info("piper voice %s loaded from %s", name, voice.onnx)
             return loaded
 
+    def warmup_languages(self) -> list[str]:
+        """Every voice's own language: each voice has its own ONNX session, and its first run is slow."""
+        return [voice.language for voice in self.voices]
+
     def preload(self) -> None:
         for voice in self.voices:
             self._load(voice.name)
