@@ -96,6 +96,7 @@ def main() -> int:
     stop = threading.Event()
     series: list[tuple[float, dict]] = []  # (seconds since load start, scrape)
     results: list[dict] = []
+    replica_states: dict[str, list[tuple[float, dict]]] = {}  # deployment -> [(seconds, {state: count})] on change
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 900})
         t = time.perf_counter()
@@ -119,6 +120,11 @@ def main() -> int:
                     series.append((time.perf_counter() - t0, scrape(metrics_url, httpx)))
                 except httpx.HTTPError as exc:
                     print(f"metrics scrape failed: {exc}", flush=True)
+                deployments = serve.status().applications["lipserve"].deployments
+                for name in SCALED:
+                    states = {str(k).split(".")[-1]: v for k, v in deployments[name].replica_states.items()}
+                    if states != replica_states.get(name, [(None, None)])[-1][1]:
+                        replica_states.setdefault(name, []).append((time.perf_counter() - t0, states))
                 stop.wait(1.0)
 
         def client_loop(n: int):
@@ -152,6 +158,9 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
 
+    print("\nreplica states of the scaled deployments over the load (seconds since it began):")
+    for name, changes in replica_states.items():
+        print(f"  {name}: " + "; ".join(f"{t:.0f}s {states}" for t, states in changes))
     ok = [r for r in results if r["status"] == 200]
     print(f"\n{len(results)} requests in {args.seconds:.0f}s from {args.clients} clients, {len(ok)} answered 200 "
           f"(others: {sorted({r['status'] for r in results if r['status'] != 200})}); replicas at the end: {running}")

@@ -173,7 +173,7 @@ pipeline.warm_up()
 warm_up_imported = sorted(set(sys.modules) - before)
 compiled = numba_compiled()
 before = set(sys.modules)
-request = LipVideoRequest(word="Is this the first request?", user_video_gs="src.mp4", output_video_gs="out.mp4",
+request = LipVideoRequest(word="First request.", user_video_gs="src.mp4", output_video_gs="out.mp4",
                           tts_lang="en", options=RequestOptions(face_mode="track"))
 response = pipeline.run(request)
 print("RESULT " + json.dumps({
@@ -191,7 +191,7 @@ def test_a_request_after_the_warm_up_imports_and_compiles_nothing_new(voice_smal
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert result["duration_s"] > 0.5
+    assert result["duration_s"] > 0.3
     # the warm-up is what paid the lazy imports (librosa's feature and effects modules, numba, ...)
     assert any(name.startswith("librosa.") for name in result["warm_up_imported"]), result["warm_up_imported"][:20]
     assert result["request_imported"] == []
