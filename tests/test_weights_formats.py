@@ -59,6 +59,22 @@ def test_fast_fill_is_bit_identical_to_the_rule(key, shape):
     assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 
+def test_building_uninitialised_skips_torch_random_init_and_imports_nothing():
+    import sys
+
+    from lipserve.models.freevc import SynthesizerTrn
+    from lipserve.models.freevc_configs import freevc_config
+    from lipserve.weights.resolve import build_uninitialized
+
+    rng, modules = torch.random.get_rng_state(), set(sys.modules)
+    net = build_uninitialized(lambda: SynthesizerTrn(freevc_config("freevc")))
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no random number drawn for an init
+    assert set(sys.modules) == modules  # not the meta device (its first randn imports ~800 modules)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    torch.randn(2)  # outside the context, torch is itself again
+    assert not torch.equal(torch.random.get_rng_state(), rng)
+
+
 def test_fill_synthetic_writes_every_tensor_of_a_module_by_the_rule():
     from lipserve.weights.resolve import build_uninitialized
     from lipserve.weights.synthetic import fill_synthetic

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..errors import WeightsMissing
 from .formats import LoadedCheckpoint, check_keys, read_checkpoint
@@ -24,14 +25,32 @@ def checkpoint_path(weights_dir: str | Path, filename: str) -> Path:
     return Path(weights_dir) / filename
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """While active, parameter initialisation does nothing: torch.nn.init's in-place fills (and
+    Tensor.uniform_/normal_) return their tensor untouched, torch.randn/rand give torch.empty.
+
+    Not the meta device: a meta-device randn or normal_ makes torch import its Python meta
+    kernels (sympy, torch._dynamo, ~800 modules, 1.5-5 s of CPU at a replica's start)."""
+
+    _CREATE_KWARGS = ("dtype", "device", "layout", "requires_grad", "pin_memory")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.uniform_, torch.Tensor.normal_) or (
+                getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")):
+            return args[0] if args else kwargs["tensor"]
+        if func in (torch.randn, torch.rand):
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k in self._CREATE_KWARGS})
+        return func(*args, **kwargs)
+
+
 def build_uninitialized(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """The network `factory()` builds, with uninitialised CPU tensors instead of torch's random
-    initialisation: for a network whose every tensor is then overwritten by `load_weights`
-    (a checkpoint, strict key check, or the synthetic weights), that initialisation is wasted
-    start-up time. Only for networks that keep all their state in parameters and buffers."""
-    with torch.device("meta"):
-        module = factory()
-    return module.to_empty(device="cpu")
+    """The network `factory()` builds, on the CPU, with its tensors left uninitialised (their memory
+    mostly never touched): for a network whose every tensor is then overwritten (a checkpoint with
+    a strict key check, or the synthetic weights), torch's random initialisation is wasted start-up
+    time, and a checkpoint loaded with assign=True then needs no second copy of the weights."""
+    with _SkipRandomInit():
+        return factory()
 
 
 def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_dir: str | Path,
