@@ -114,10 +114,14 @@ for name, build in (("tts", lambda: __import__("lipserve.tts", fromlist=["x"]).S
         stages[name].preload()
     marks[f"build {name}"] = time.perf_counter() - t
     marks[f"  of it synthetic fill ({name})"] = spent["synthetic fill"] - before
+import inspect
 t = time.perf_counter()
-pipeline = Pipeline(settings, tts=stages["tts"], voice=stages["voice"], lipsync=stages["lipsync"])
+later = {"warm_up": False} if "warm_up" in inspect.signature(Pipeline).parameters else {}
+pipeline = Pipeline(settings, tts=stages["tts"], voice=stages["voice"], lipsync=stages["lipsync"], **later)
+marks["pipeline (storage client)"] = time.perf_counter() - t
 warm = getattr(pipeline, "warm_up", None)
 if warm is not None and getattr(settings, "warmup", False):
+    t = time.perf_counter()
     report = warm()
     marks["warm-up"] = time.perf_counter() - t
     for stage, paths in (report or {}).items():
