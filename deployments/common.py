@@ -7,6 +7,7 @@ long call runs), and records each call's latency and failures. No model math her
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,24 @@ from lipserve.settings import Settings
 from .metrics import stage_metrics
 
 log = logging.getLogger("lipserve.deployments")
+
+
+def initial_user_config() -> dict:
+    """The user_config Serve will hand to reconfigure() right after the constructor ({} when there
+    is none, or outside a replica). The constructor loads the models with the settings it gives,
+    so a user_config that changes settings does not load every model twice (env settings first,
+    then the user_config's). Read from the replica context's deployment config, which Serve sets
+    before the constructor runs (a private field in Ray 2.60: without it, the models load with
+    the env settings and reconfigure() reloads them as before)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:  # not inside a Serve replica
+        return {}
+    config = getattr(getattr(context, "_deployment_config", None), "user_config", None)
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def replica_settings(overrides: dict | None = None) -> Settings:
@@ -57,20 +76,50 @@ def error_code(exc: BaseException) -> str:
 
 
 class StageReplica:
-    """Base of the three stage deployments. Subclasses set `stage` and implement `build()`."""
+    """Base of the three stage deployments. Subclasses set `stage` (and `stage_module`, the
+    lipserve module their build() imports) and implement `build()`.
+
+    A replica is ready for traffic once its constructor returns: the models are loaded and, with
+    settings.warmup, every request path has run once (the stage's `warm_up()`), so its first
+    request is as fast as its tenth. `start_seconds` says where its start went."""
 
     stage = "stage"
+    stage_module = ""
+    start_seconds: dict[str, float] = {}  # replaced (never mutated) by load()
 
     def __init__(self):
         configure_logging()
-        self.settings = replica_settings()
+        user_config = initial_user_config()
+        if user_config:
+            apply_log_level(user_config)
+        self.settings = replica_settings(user_config.get("settings"))
         self.worker = None
-        self.worker = self.build(self.settings)
+        self.worker = self.load(self.settings)
         self.metrics = stage_metrics()
         self.loaded_at = time.time()
 
     def build(self, settings: Settings):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def load(self, settings: Settings):
+        """build() the stage object, then (settings.warmup) warm it up; returns it. Times the
+        import of the stage's module, the build (checkpoints or synthetic weights) and the warm-up."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        if self.stage_module:
+            importlib.import_module(self.stage_module)  # torch, librosa, ...: the replica's heavy imports
+        timings["import"] = time.perf_counter() - start
+        start = time.perf_counter()
+        worker = self.build(settings)
+        timings["build"] = time.perf_counter() - start
+        if settings.warmup and hasattr(worker, "warm_up"):
+            start = time.perf_counter()
+            worker.warm_up(seconds=settings.warmup_seconds)
+            timings["warm_up"] = time.perf_counter() - start
+        self.start_seconds = {k: round(v, 3) for k, v in timings.items()}
+        log.info("%s: replica ready in %.1f s (%s)", self.stage, sum(timings.values()),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        return worker
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {"log_level": "INFO", "settings": {<Settings field>: value}}.
@@ -81,7 +130,7 @@ class StageReplica:
         new = replica_settings(config.get("settings"))
         if new != self.settings:
             log.info("%s: settings changed, reloading", self.stage)
-            self.worker = self.build(new)
+            self.worker = self.load(new)
             self.settings = new
 
     def check_health(self) -> None:
@@ -104,8 +153,11 @@ class StageReplica:
             "device": str(device) if device is not None else "cpu",
             "synthetic": bool(getattr(self.worker, "synthetic_weights", False)),
             "replica_pid": _pid(),
+            "replica_id": _replica_id(),
             "gpu_ids": _gpu_ids(),  # what Ray assigned (logical on a CPU box; torch may still see none)
             "gpu_share": replica_gpu_share(),  # this replica's num_gpus; its CUDA memory is capped at it
+            "start_seconds": dict(self.start_seconds),
+            "warmed_up": bool(getattr(self.worker, "warm_up_report", None)),
         })
         return desc
 
@@ -114,10 +166,15 @@ class StageReplica:
 
     async def warm(self) -> dict:
         """Models load in the constructor; this loads anything the stage keeps lazy (its
-        `preload()`, if it has one) and proves the replica answers. Idempotent."""
+        `preload()`, if it has one), runs the warm-up when the replica started without it
+        (LIPSERVE_WARMUP=0), and proves the replica answers. Idempotent."""
         self.check_health()
         if hasattr(self.worker, "preload"):
             await asyncio.to_thread(self.worker.preload)
+        if hasattr(self.worker, "warm_up") and not getattr(self.worker, "warm_up_report", None):
+            start = time.perf_counter()
+            await asyncio.to_thread(self.worker.warm_up, seconds=self.settings.warmup_seconds)
+            self.start_seconds = {**self.start_seconds, "warm_up": round(time.perf_counter() - start, 3)}
         return self.describe_stage()
 
     async def run_timed(self, stage: str, engine_of: Callable[[Any], str], fn, *args, **kwargs) -> StageOutput:
@@ -149,6 +206,17 @@ def replica_gpu_share() -> float | None:
         return None
     share = context.get_assigned_resources().get("GPU")
     return float(share) if share else None
+
+
+def _replica_id() -> str | None:
+    """Serve's id of this replica (as in the `replica` tag of its metrics); None outside Serve."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_tag
+    except RayServeException:
+        return None
 
 
 def _gpu_ids() -> list[str]:

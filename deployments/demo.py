@@ -36,8 +36,8 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
         serve.run(build_app(LOCAL_CONFIG, env=env), name="lipserve", route_prefix="/")
         deploy_s = time.perf_counter() - t0
-        print(f"graph deployed on a local Ray in {deploy_s:.1f}s (models load once, in each replica's constructor)",
-              flush=True)
+        print(f"graph deployed on a local Ray in {deploy_s:.1f}s (each replica loads its models and warms up "
+              "in its constructor, so the first request is as fast as later ones)", flush=True)
         url = f"http://127.0.0.1:{port}/api/v1/lip-video"
         print(f"POST {url} {body}", flush=True)
         t = time.perf_counter()

@@ -24,6 +24,7 @@ from .common import StageReplica, replica_gpu_share, resolve
 )
 class LipSyncDeployment(StageReplica):
     stage = "lipsync"
+    stage_module = "lipserve.lipsync"
 
     def build(self, settings):
         from lipserve.lipsync import LipSyncer

@@ -20,6 +20,7 @@ from .common import StageReplica
 )
 class SpeechDeployment(StageReplica):
     stage = "tts"
+    stage_module = "lipserve.tts"
 
     def build(self, settings):
         from lipserve.tts import SpeechSynthesizer

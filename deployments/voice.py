@@ -24,6 +24,7 @@ from .common import StageReplica, replica_gpu_share, resolve
 )
 class VoiceDeployment(StageReplica):
     stage = "voice"
+    stage_module = "lipserve.voice"
 
     def build(self, settings):
         from lipserve.voice import VoiceConverter

@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
     print("loading models (once per process) ...", file=sys.stderr, flush=True)
 
     t = time.perf_counter()
-    pipeline = Pipeline(settings, storage=storage)
+    pipeline = Pipeline(settings, storage=storage, warm_up=False)  # one request: a warm-up would only add to it
     print(f"models loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     response = pipeline.run(request, progress=progress)
 

@@ -444,9 +444,14 @@ def stage_engines(voice_desc: dict, lipsync_desc: dict) -> dict[str, str]:
 
 
 class Pipeline:
-    """The whole request in one process (no Ray): for the CLI, tests and people without a cluster."""
+    """The whole request in one process (no Ray): for the CLI, tests and people without a cluster.
 
-    def __init__(self, settings: Settings, *, storage=None, tts=None, voice=None, lipsync=None):
+    With `settings.warmup` (or `warm_up=True`) every stage is warmed up here, before the first
+    request (see lipserve.warmup). A caller that makes one request and exits (the CLI) passes
+    `warm_up=False`: the warm-up would only add its own time to that one request's."""
+
+    def __init__(self, settings: Settings, *, storage=None, tts=None, voice=None, lipsync=None,
+                 warm_up: bool | None = None):
         self.settings = settings
         if storage is None:
             from .storage import Storage
@@ -466,6 +471,33 @@ class Pipeline:
             lipsync = LipSyncer(settings)
         self.storage = storage
         self.stages = LocalStages(tts, voice, lipsync)
+        self.warm_up_report: dict[str, dict[str, float]] | None = None
+        if settings.warmup if warm_up is None else warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> dict[str, dict[str, float]]:
+        """Warm every stage that can be (its `warm_up()`), sharing one synthetic clip; stage ->
+        {path: seconds}, plus "seconds" per stage. The stages warm side by side, as a request runs
+        its two branches side by side."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .warmup import warmup_inputs
+
+        inputs = warmup_inputs(self.settings.warmup_seconds)
+        stages = {name: stage for name, stage in (("tts", self.stages.tts), ("voice", self.stages.voice),
+                                                  ("lipsync", self.stages.lipsync))
+                  if hasattr(stage, "warm_up")}
+
+        def warm(name: str):
+            start = time.perf_counter()
+            report = stages[name].warm_up(inputs=inputs)
+            return {**report, "seconds": round(time.perf_counter() - start, 4)}
+
+        with ThreadPoolExecutor(max_workers=max(1, len(stages)), thread_name_prefix="warm-up") as pool:
+            futures = {name: pool.submit(warm, name) for name in stages}
+            self.warm_up_report = {name: future.result() for name, future in futures.items()}
+        log.info("warm-up: %s", ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in self.warm_up_report.items()))
+        return self.warm_up_report
 
     def run(self, request: LipVideoRequest, request_id: str | None = None, progress: Progress | None = None) -> LipVideoResponse:
         rid = new_request_id(request_id)

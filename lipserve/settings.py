@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     speaker_cache_size: int = Field(1024, description="Speaker embeddings remembered.")
     tts_cache_size: int = Field(512, description="Synthesized utterances remembered.")
 
+    # start-up
+    warmup: bool = Field(True, description="Before a stage takes requests, run every request path once on small synthetic inputs (TTS, reference voice, WavLM, synthesis, faces, Wav2Lip at its batch sizes, encode), so the first request is as fast as later ones.")
+    warmup_seconds: float = Field(0.6, ge=0.5, le=30.0, description="Length of the synthetic speech and video the warm-up runs through the stages, at least 0.5 (lip sync always covers one full Wav2Lip batch plus a partial one).")
+
     # serving
     auth_token: str | None = Field(None, description="When set, requests need `Authorization: Bearer <token>`.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress.")

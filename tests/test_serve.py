@@ -266,6 +266,8 @@ def test_health_models_and_preload(served):
     assert set(stages) == {"tts", "voice", "lipsync"}
     for name, desc in stages.items():
         assert desc["up"] and desc["model_loaded"], (name, desc)
+        # each replica ran its warm-up before it took traffic, and says where its start went
+        assert desc["warmed_up"] and {"import", "build", "warm_up"} <= set(desc["start_seconds"]), (name, desc)
     # the GPU fractions were scheduled on the logical GPUs, and the stages fell back to CPU
     assert stages["voice"]["device"] == "cpu" and stages["lipsync"]["device"] == "cpu"
     assert len(stages["voice"]["gpu_ids"]) == 1 and len(stages["lipsync"]["gpu_ids"]) == 1

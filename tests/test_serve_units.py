@@ -173,3 +173,74 @@ def test_check_health_fails_without_model_or_lost_cuda():
     replica.worker = None
     with pytest.raises(ModelNotLoaded):
         replica.check_health()
+
+
+class _WarmableWorker(_Worker):
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.warm_up_report, self.warm_ups = None, []
+
+    def warm_up(self, seconds=1.0, inputs=None):
+        self.warm_ups.append(seconds)
+        self.warm_up_report = {"path": 0.0}
+        return self.warm_up_report
+
+
+def _warmable_stage(builds: list):
+    from deployments.common import StageReplica
+
+    class Stage(StageReplica):
+        stage = "test"
+        stage_module = "json"  # what load() imports before build()
+
+        def build(self, settings):
+            builds.append(settings)
+            return _WarmableWorker(settings)
+
+    return Stage
+
+
+def test_a_replica_warms_up_before_it_counts_as_started_and_preload_warms_one_that_did_not(monkeypatch):
+    from deployments import common
+    from lipserve.settings import Settings
+
+    monkeypatch.setattr(common, "stage_metrics", lambda: None)  # Ray metrics need a Ray worker
+    builds: list = []
+    Stage = _warmable_stage(builds)
+    monkeypatch.setenv("LIPSERVE_WARMUP_SECONDS", "0.7")
+    replica = Stage()
+    assert replica.worker.warm_ups == [0.7]
+    assert set(replica.start_seconds) == {"import", "build", "warm_up"}
+    desc = replica.describe_stage()
+    assert desc["warmed_up"] is True and desc["start_seconds"] == replica.start_seconds
+    asyncio.run(replica.warm())  # already warm: /api/v1/preload-models does not warm again
+    assert replica.worker.warm_ups == [0.7]
+
+    monkeypatch.setenv("LIPSERVE_WARMUP", "0")
+    cold = Stage()
+    assert cold.worker.warm_ups == [] and "warm_up" not in cold.start_seconds
+    assert cold.describe_stage()["warmed_up"] is False
+    asyncio.run(cold.warm())  # the explicit trigger warms a replica that started without it, once
+    asyncio.run(cold.warm())
+    assert cold.worker.warm_ups == [0.7] and cold.describe_stage()["warmed_up"] is True
+    assert Settings(warmup=False).warmup is False
+
+
+def test_a_user_config_that_changes_settings_does_not_load_the_models_twice(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from deployments import common
+
+    user_config = {"log_level": "INFO", "settings": {"face_mode": "track"}}
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(user_config=user_config), replica_tag="r1")
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(common, "stage_metrics", lambda: None)
+    monkeypatch.setenv("LIPSERVE_WARMUP", "0")
+    builds: list = []
+    replica = _warmable_stage(builds)()
+    assert [s.face_mode for s in builds] == ["track"]  # built once, with the user_config's settings
+    replica.reconfigure(user_config)  # what Serve calls right after the constructor
+    assert len(builds) == 1
+    assert replica.describe_stage()["replica_id"] == "r1"

@@ -37,6 +37,80 @@ def test_rule_branches():
     assert w.dtype == np.float32 and np.abs(w).max() <= np.sqrt(3 / 27) + 1e-6
 
 
+def _rule_by_the_letter(key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The rule as the module docstring states it, on whole arrays (the fast fill must equal it bit for bit)."""
+    u = key_uniforms(key, int(np.prod(shape)) if shape else 1).reshape(shape)
+    if key.endswith("weight_g") or (len(shape) == 1 and key.endswith("weight")):
+        return (1.0 + 0.1 * u).astype(np.float32)
+    if key.endswith("bias") or len(shape) <= 1:
+        return (0.1 * u).astype(np.float32)
+    return (u * np.sqrt(3.0 / int(np.prod(shape[1:])))).astype(np.float32)
+
+
+@pytest.mark.parametrize("key, shape", [("enc.fc2.weight", (1100, 1300)), ("enc.fc2.bias", (70001,)),
+                                        ("ln.weight", (1024,)), ("wn.weight_g", (8, 1, 1)), ("conv.weight", (3, 5, 7)),
+                                        ("scalar", ())])
+def test_fast_fill_is_bit_identical_to_the_rule(key, shape):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lipserve.weights.synthetic import fill_values
+
+    expected = _rule_by_the_letter(key, shape)
+    assert np.array_equal(synthetic_value(key, shape).view(np.uint32), expected.view(np.uint32))
+    with ThreadPoolExecutor(3) as pool:  # large tensors in parallel slices that cross block boundaries
+        out = fill_values(np.empty(shape, np.float32), key, pool)
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+def test_building_uninitialised_skips_torch_random_init_and_imports_nothing():
+    import sys
+
+    from lipserve.models.freevc import SynthesizerTrn
+    from lipserve.models.freevc_configs import freevc_config
+    from lipserve.weights.resolve import build_uninitialized
+
+    rng, modules = torch.random.get_rng_state(), set(sys.modules)
+    net = build_uninitialized(lambda: SynthesizerTrn(freevc_config("freevc")))
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no random number drawn for an init
+    assert set(sys.modules) == modules  # not the meta device (its first randn imports ~800 modules)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    torch.randn(2)  # outside the context, torch is itself again
+    assert not torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_fill_synthetic_writes_every_tensor_of_a_module_by_the_rule():
+    from lipserve.weights.resolve import build_uninitialized
+    from lipserve.weights.synthetic import fill_synthetic
+
+    module = fill_synthetic(build_uninitialized(lambda: Tiny(width=300)), threads=2)
+    for key, tensor in module.state_dict().items():
+        assert np.array_equal(tensor.numpy(), synthetic_value(key, tuple(tensor.shape))), key
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (from /proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+def test_zip_checkpoints_are_memory_mapped_and_old_pickle_files_still_read(tmp_path):
+    state = synthetic_state_dict({k: tuple(v.shape) for k, v in Tiny().state_dict().items()})
+    path = write_checkpoint(tmp_path / "s3fd.pth", "s3fd", state)
+    mapped = read_checkpoint(path, "s3fd")
+    # a mapped tensor's memory is the file's pages, not a private copy
+    assert torch.equal(mapped.state_dict["conv.weight"], state["conv.weight"])
+    assert _mapped_file(mapped.state_dict["conv.weight"].data_ptr()) == str(path)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # the format of checkpoints from before torch 1.6
+    old = read_checkpoint(legacy, "s3fd")
+    assert all(torch.equal(old.state_dict[k], state[k]) for k in state)
+
+
 class Tiny(torch.nn.Module):
     def __init__(self, width=4):
         super().__init__()

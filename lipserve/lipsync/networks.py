@@ -15,7 +15,7 @@ from ..device import pick_device
 from ..models.s3fd import S3FD
 from ..models.wav2lip import Wav2Lip
 from ..settings import Settings
-from ..weights.resolve import checkpoint_path, load_weights
+from ..weights.resolve import build_uninitialized, checkpoint_path, load_weights
 
 S3FD_FILENAME = "s3fd.pth"
 
@@ -35,7 +35,7 @@ def _ready(net: torch.nn.Module, device: torch.device | str | None, settings: Se
 
 def load_wav2lip(settings: Settings, device: torch.device | str | None = None) -> tuple[Wav2Lip, bool]:
     """(Wav2Lip in eval mode on `device`, synthetic_weights). `device` None -> settings.device."""
-    net = Wav2Lip()
+    net = build_uninitialized(Wav2Lip)  # every tensor is loaded next
     synthetic, _ = load_weights(
         net, kind="wav2lip", filename=wav2lip_filename(settings), weights_dir=settings.weights_dir,
         allow_synthetic=settings.allow_synthetic_weights, what="Wav2Lip (lip sync)",
@@ -47,7 +47,7 @@ def load_s3fd(settings: Settings, device: torch.device | str | None = None) -> S
     """S3FD in eval mode on `device`, or None when s3fd.pth is absent from the weights dir."""
     if not checkpoint_path(settings.weights_dir, S3FD_FILENAME).is_file():
         return None
-    net = S3FD()
+    net = build_uninitialized(S3FD)
     load_weights(
         net, kind="s3fd", filename=S3FD_FILENAME, weights_dir=settings.weights_dir,
         allow_synthetic=False, what="S3FD (face detection)",

@@ -42,6 +42,7 @@ from ..errors import (InputTooLarge, InvalidAudio, InvalidField, InvalidMedia, N
 from ..gpu import BatchBudget, cap_memory, memory_fraction
 from ..media import VideoInfo
 from ..settings import Settings
+from ..weights.resolve import load_concurrently
 from . import blend
 from .faces import (FaceDetector, HaarDetector, S3FDDetector, detect_boxes, face_presence, frame_ranges,
                     padded_crop_boxes, refine_frames, spread_frames, still_box, track_boxes, track_keyframes,
@@ -225,7 +226,12 @@ class LipSyncer:
         self.wav2lip = SharedForward(self._forward, merge=merge_enabled(settings, self.device),
                                      max_items=self.budget.items, wait_s=settings.batching_wait_ms / 1000,
                                      device=self.device, name="wav2lip")
-        self.model, self.synthetic_weights = load_wav2lip(settings, self.device)
+        # the two networks do not depend on each other: load them side by side
+        loaded, self.load_timings = load_concurrently({
+            "wav2lip": lambda: load_wav2lip(settings, self.device),
+            "s3fd": lambda: load_s3fd(settings, self.device),
+        })
+        self.model, self.synthetic_weights = loaded["wav2lip"]
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
@@ -239,7 +245,7 @@ class LipSyncer:
         threads, cache = settings.cpu_threads(), settings.fast_cache_dir
         self.lip_model, report = fast_wav2lip(self.model, settings.wav2lip_backend, self.device, threads, cache)
         self.fast_paths = {"wav2lip": report.as_dict()}
-        s3fd = load_s3fd(settings, self.device)
+        s3fd = loaded["s3fd"]
         if s3fd is not None:
             s3fd, report = fast_s3fd(s3fd, settings.s3fd_backend, self.device, threads, cache)
             self.fast_paths["s3fd"] = report.as_dict()
@@ -247,6 +253,7 @@ class LipSyncer:
         if s3fd is None:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
         self.face_cache: LRUCache[_FaceEntry] = LRUCache(settings.face_cache_size)
+        self.warm_up_report: dict[str, float] | None = None  # set by warm_up()
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
         log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
@@ -296,11 +303,46 @@ class LipSyncer:
             "memory_cap_bytes": self.memory_cap,
             "face_cache": self.face_cache.stats(),
             "fast_paths": self.fast_paths,
+            "load_timings": {name: round(seconds, 3) for name, seconds in self.load_timings.items()},
+            "warm_up": self.warm_up_report,
         }
 
     @property
     def precision_name(self) -> str:
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast, "fp32")
+
+    def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
+        """Every path of a request once, on synthetic inputs (lipserve.warmup), caches untouched.
+
+        Face finding in the configured default mode and in track mode (probe, decode, the
+        detector's first runs at both working sizes); the warm-up clip holds no face, so each ends
+        in NoFaceFound, the right answer for it. Then `sync` with a given box on speech long enough
+        for one full Wav2Lip batch and a partial one (every request runs both shapes), which also
+        decodes, computes the mel windows, pastes and encodes. Returns seconds per path."""
+        from ..warmup import WarmupReport, warmup_inputs
+
+        inputs = inputs or warmup_inputs(seconds or self.settings.warmup_seconds)
+        report = WarmupReport()
+        pads, resize = tuple(self.settings.pads), int(self.settings.resize_factor)
+        frames = round(inputs.seconds * inputs.fps)
+        for mode in dict.fromkeys([self.settings.face_mode, "track"]):
+            if mode == "box":
+                continue  # nothing to find
+            options = LipSyncOptions(face_mode=mode, pads=pads, resize_factor=resize)
+            with report.path(f"faces.{mode}"):
+                try:
+                    self.plan_faces(inputs.video, options, min(frames, options.track_every + 1), use_cache=False)
+                except NoFaceFound:
+                    pass  # the expected answer for a clip without a face: the detector has run
+        batch = self.batch_size()
+        n_out = max(frames, batch + 1)
+        audio = np.resize(np.asarray(inputs.speech), int(n_out / inputs.fps * inputs.sample_rate))
+        options = LipSyncOptions(face_mode="box", box=inputs.box, pads=pads, resize_factor=resize)
+        with report.path(f"sync.{n_out}_frames_batch_{batch}"):
+            result = self.sync(inputs.video, audio, inputs.sample_rate, options, use_cache=False)
+        report.update({f"sync.{step}": round(seconds, 4) for step, seconds in result.timings.items()})
+        self.warm_up_report = dict(report)
+        return self.warm_up_report
 
     def clear_face_cache(self) -> None:
         self.face_cache = LRUCache(self.settings.face_cache_size)
@@ -311,12 +353,15 @@ class LipSyncer:
             return CPU_BATCH_SIZE
         return min(CUDA_MAX_BATCH, self.budget.items())
 
-    def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None) -> FacePlan:
-        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None)."""
+    def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None, *,
+                   use_cache: bool = True) -> FacePlan:
+        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None).
+
+        `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         t0 = time.perf_counter()
         self._check_options(options)
         video_key, entry_key = self._keys(video, options)
-        entry = self.face_cache.get(entry_key)
+        entry = self.face_cache.get(entry_key) if use_cache else None
         cache_hit = entry is not None
         info = entry.info if entry is not None else self._probe(video)
         self._check_limits(video, info)
@@ -327,7 +372,8 @@ class LipSyncer:
         if entry is None or entry.covered < want:
             frames_for = self._frames_by_decoding(video, options, timings, info)
             entry, detected = self._extend(entry, info, options, want, frames_for, timings)
-            self.face_cache.put(entry_key, entry)
+            if use_cache:
+                self.face_cache.put(entry_key, entry)
         boxes, present, mode = self._layout(entry, options, want)
         return FacePlan(
             video_key=video_key, info=info, boxes=boxes, present=present, detector=entry.detector, mode=mode,
@@ -335,11 +381,13 @@ class LipSyncer:
         )
 
     def render(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
-               plan: FacePlan | None = None, timings: dict | None = None) -> tuple[Rendering, np.ndarray]:
+               plan: FacePlan | None = None, timings: dict | None = None, *,
+               use_cache: bool = True) -> tuple[Rendering, np.ndarray]:
         """The answer's frames, not yet encoded, and the speech's mel as the model sees it.
 
         Output frame i shows source frame source_of[i] (ping-pong) with the mouth redrawn to the
-        speech, or exactly as decoded where that source frame has no face.
+        speech, or exactly as decoded where that source frame has no face. `use_cache=False` neither
+        reads nor fills the face cache (the warm-up).
         """
         timings = timings if timings is not None else {}
         self._check_options(options)
@@ -352,7 +400,7 @@ class LipSyncer:
         if plan is not None and plan.video_key != video_key:
             log.warning("ignoring a face plan made for another video")
             plan = None
-        entry = self.face_cache.get(entry_key)
+        entry = self.face_cache.get(entry_key) if use_cache else None
         info = plan.info if plan is not None else (entry.info if entry is not None else self._probe(video))
         self._check_limits(video, info)
         n_out = media.frames_needed(info.fps, audio.size / sample_rate)
@@ -375,7 +423,8 @@ class LipSyncer:
             if entry is None or entry.covered < n_src:
                 frames_for = self._frames_from(frames, options.resize_factor)
                 entry, detected = self._extend(entry, info, options, n_src, frames_for, timings)
-                self.face_cache.put(entry_key, entry)
+                if use_cache:
+                    self.face_cache.put(entry_key, entry)
             boxes, present, mode = self._layout(entry, options, n_src)
             plan = FacePlan(video_key=video_key, info=info, boxes=boxes, present=present, detector=entry.detector,
                             mode=mode, detected_frames=detected, cached=cache_hit and detected == 0)
@@ -399,11 +448,13 @@ class LipSyncer:
         return rendering, mel
 
     def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
-             plan: FacePlan | None = None) -> SyncResult:
-        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame)."""
+             plan: FacePlan | None = None, *, use_cache: bool = True) -> SyncResult:
+        """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame).
+
+        `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         t_start = time.perf_counter()
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
-        rendering, _ = self.render(video, audio, sample_rate, options, plan, timings)
+        rendering, _ = self.render(video, audio, sample_rate, options, plan, timings, use_cache=use_cache)
         info = rendering.info
         t = time.perf_counter()
         before = timings["model"] + timings["paste"]

@@ -52,6 +52,7 @@ class SpeechSynthesizer:
             raise ValueError(f"tts_order names unknown engines {unknown}; known: {sorted(self.engines)}")
         self.order = list(settings.tts_order)
         self.cache: LRUCache[SpeechResult] = LRUCache(settings.tts_cache_size)
+        self.warm_up_report: dict | None = None  # set by warm_up()
         for name, engine in self.engines.items():
             if not engine.available:
                 log.info("tts engine %s unavailable: %s", name, engine.unavailable_reason)
@@ -71,6 +72,7 @@ class SpeechSynthesizer:
             "available": self.available_engines(),
             "engines": {name: engine.describe() for name, engine in self.engines.items()},
             "cache": self.cache.stats(),
+            "warm_up": self.warm_up_report,
         }
 
     def preload(self) -> None:
@@ -78,6 +80,31 @@ class SpeechSynthesizer:
         for engine in self.engines.values():
             if engine.available and hasattr(engine, "preload"):
                 engine.preload()
+
+    def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
+        """Speak a short line once per voice a request can reach, through `synthesize`: the ONNX
+        session's first run, the engine's start and the resampling are paid here, not by the first
+        request. Online engines (gtts) are not called: a start must not depend on the network.
+        The cache is left untouched. Returns seconds per engine:language. (`seconds` and `inputs`
+        are the other stages' warm-up size and clip; a short line serves every size here.)"""
+        from lipserve.warmup import WARMUP_TEXT, WarmupReport
+
+        self.preload()
+        report, failed = WarmupReport(), []
+        for name in self.available_engines():
+            engine = self.engines[name]
+            if engine.online:
+                continue
+            for language in dict.fromkeys(engine.warmup_languages()):
+                try:
+                    with report.path(f"{name}:{language}"):
+                        self.synthesize(WARMUP_TEXT, language, name, use_cache=False)
+                except TTSUnavailable as exc:
+                    # the stage still starts: `auto` falls back past a failing engine, as it would for a request
+                    log.warning("tts warm-up: %s (%s) failed: %s", name, language, exc.message)
+                    failed.append(f"{name}:{language}: {exc.message}")
+        self.warm_up_report = {**report, **({"failed": failed} if failed else {})}
+        return self.warm_up_report
 
     # ---- synthesis -----------------------------------------------------------------
 
@@ -95,7 +122,8 @@ class SpeechSynthesizer:
                                field="tts_engine")
         return [engine]
 
-    def synthesize(self, text: str, language: str = "en", engine: str = "auto", seed: int | None = None) -> SpeechResult:
+    def synthesize(self, text: str, language: str = "en", engine: str = "auto", seed: int | None = None, *,
+                   use_cache: bool = True) -> SpeechResult:
         """Speech for `text`; with `seed`, the same audio in any process (see TTSEngine.synthesize)."""
         text = normalize_text(text, self.settings.max_text_chars)
         language = normalize_language(language or "")
@@ -119,7 +147,7 @@ class SpeechSynthesizer:
         for i, (name, voice, matched) in enumerate(plans):
             # a seeded result is one fixed draw, an unseeded one any draw: never serve one for the other
             key = "\0".join((name, voice, matched, text, "" if seed is None else str(seed)))
-            hit = self.cache.get(key)
+            hit = self.cache.get(key) if use_cache else None
             if hit is not None:
                 return SpeechResult(audio=hit.audio.copy(), sample_rate=hit.sample_rate, engine=name,
                                     voice=voice, language=matched, cached=True, fallbacks=fallbacks)
@@ -142,8 +170,9 @@ class SpeechSynthesizer:
                 raise TextTooLong(f"the speech would last {seconds:.1f} s; the limit is "
                                   f"{self.settings.max_speech_seconds:g} s: shorten the text", field="word")
             audio.flags.writeable = False  # the cached copy is shared; callers get copies
-            self.cache.put(key, SpeechResult(audio=audio, sample_rate=TARGET_RATE, engine=name, voice=voice,
-                                             language=matched, cached=False))
+            if use_cache:
+                self.cache.put(key, SpeechResult(audio=audio, sample_rate=TARGET_RATE, engine=name, voice=voice,
+                                                 language=matched, cached=False))
             return SpeechResult(audio=audio.copy(), sample_rate=TARGET_RATE, engine=name, voice=voice,
                                 language=matched, cached=False, fallbacks=fallbacks)
         raise TTSUnavailable("no TTS engine could speak the text: " + "; ".join(fallbacks))

@@ -61,6 +61,7 @@ class TTSEngine(ABC):
     """One speech engine. Engines raise TTSUnavailable for failures of the backend itself."""
 
     name: str = ""
+    online: bool = False  # needs the internet (never called by a warm-up)
     _reason: str | None = None  # why the engine cannot be used here; None = usable
 
     @property
@@ -87,6 +88,11 @@ class TTSEngine(ABC):
         `seed`: an engine that draws random numbers (piper) draws them from it, so the same seed
         gives the same audio in any process; without it, it behaves as the engine itself does.
         Deterministic engines ignore it."""
+
+    def warmup_languages(self) -> list[str]:
+        """Languages whose voices a warm-up speaks once: by default the first (one voice is enough
+        when every voice runs the same way, e.g. one subprocess per call)."""
+        return self.languages()[:1]
 
     def describe(self) -> dict:
         return {

@@ -73,6 +73,7 @@ def _root_cause(exc: BaseException) -> str:
 
 class GTTSEngine(TTSEngine):
     name = "gtts"
+    online = True
 
     def __init__(self, timeout_s: float = 10.0, tld: str = "com", retries: int = 1,
                  retry_delay_s: float = 0.3):

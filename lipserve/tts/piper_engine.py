@@ -177,6 +177,10 @@ class PiperEngine(TTSEngine):
                 onnxruntime.set_seed(secrets.randbits(31))
         return PiperVoice(config=shared.config, session=session)
 
+    def warmup_languages(self) -> list[str]:
+        """Every voice's own language: each voice has its own ONNX session, and its first run is slow."""
+        return [voice.language for voice in self.voices]
+
     def preload(self) -> None:
         for voice in self.voices:
             self._load(voice.name)

@@ -31,6 +31,7 @@ from ..errors import InvalidAudio, LipserveError
 from ..gpu import cap_memory, first_that_fits, memory_fraction
 from ..models.freevc_configs import freevc_config
 from ..settings import Settings
+from ..weights.resolve import load_concurrently
 from . import reference as reference_mod
 from .synthesizer import load_synthesizer, reference_mel
 
@@ -124,16 +125,18 @@ class VoiceConverter:
         from .loaders import load_speaker_encoder, load_wavlm  # written beside this module
 
         start = time.perf_counter()
-        synthetic = [given_models_synthetic]
+        loaders = {}
         if wavlm is None:
-            wavlm, flag = load_wavlm(settings, self.device)
-            synthetic.append(flag)
+            loaders["wavlm"] = lambda: load_wavlm(settings, self.device)
         if synthesizer is None:
-            synthesizer, flag = load_synthesizer(settings, self.device, self.variant)
-            synthetic.append(flag)
+            loaders["synthesizer"] = lambda: load_synthesizer(settings, self.device, self.variant)
         if speaker_encoder is None and self.cfg.use_spk:
-            speaker_encoder, flag = load_speaker_encoder(settings, self.device)
-            synthetic.append(flag)
+            loaders["speaker_encoder"] = lambda: load_speaker_encoder(settings, self.device)
+        loaded, self.load_timings = load_concurrently(loaders)
+        synthetic = [given_models_synthetic] + [flag for _, flag in loaded.values()]
+        wavlm = loaded["wavlm"][0] if "wavlm" in loaded else wavlm
+        synthesizer = loaded["synthesizer"][0] if "synthesizer" in loaded else synthesizer
+        speaker_encoder = loaded["speaker_encoder"][0] if "speaker_encoder" in loaded else speaker_encoder
         self.wavlm = wavlm.to(self.device).eval()
         self.synthesizer = synthesizer.to(self.device).eval()
         self.speaker_encoder = speaker_encoder.to(self.device).eval() if speaker_encoder is not None else None
@@ -146,6 +149,7 @@ class VoiceConverter:
         self.wavlm_chunk_frames = 1000
         self.wavlm_context_frames = 250
         self.speaker_embeddings_computed = 0  # how often the speaker encoder actually ran (cache misses)
+        self.warm_up_report: dict[str, float] | None = None  # set by warm_up()
         self.precision_gap: PrecisionGap | None = None
         self._choose_fast_paths(settings)  # before the autocast check: its fp32 side runs through the runners
         if self.autocast is not None:
@@ -212,15 +216,17 @@ class VoiceConverter:
 
     # -- the reference voice -------------------------------------------------------------------
 
-    def reference_from_video(self, video: bytes) -> np.ndarray:
+    def reference_from_video(self, video: bytes, *, use_cache: bool = True) -> np.ndarray:
         """The trimmed reference voice of a video, remembered by the video's hash: a returning video's
         speaker embedding is cached under the reference's own hash, so without this every request would
-        decode, resample and trim the audio track again just to find that key."""
+        decode, resample and trim the audio track again just to find that key. `use_cache=False` neither
+        reads nor fills that memory (the warm-up)."""
         key = content_key(video)
-        reference = self.reference_cache.get(key)
+        reference = self.reference_cache.get(key) if use_cache else None
         if reference is None:
             reference = reference_mod.reference_from_video(video)
-            self.reference_cache.put(key, reference)
+            if use_cache:
+                self.reference_cache.put(key, reference)
         return reference
 
     def reference_from_audio(self, data: bytes) -> np.ndarray:
@@ -254,18 +260,19 @@ class VoiceConverter:
         features = first_that_fits([lambda c=c, x=x: extract(c, x) for c, x in windows], self.device, "WavLM")
         return features.float().transpose(1, 2)
 
-    def speaker_vector(self, reference: np.ndarray) -> tuple[np.ndarray, bool]:
+    def speaker_vector(self, reference: np.ndarray, *, use_cache: bool = True) -> tuple[np.ndarray, bool]:
         """([256] float32 speaker condition, cached?) for a 16 kHz trimmed reference."""
         reference = np.ascontiguousarray(reference, dtype=np.float32)
         # FreeVC and FreeVC-24 share the speaker encoder, FreeVC-s has its own
         owner = "speaker_encoder" if self.cfg.use_spk else self.variant
         key = content_key(reference.tobytes(), owner, str(CONTENT_RATE))
-        cached = self.speaker_cache.get(key)
+        cached = self.speaker_cache.get(key) if use_cache else None
         if cached is not None:
             return cached, True
         vector = self.embed_speaker(reference)
         self.speaker_embeddings_computed += 1
-        self.speaker_cache.put(key, vector)
+        if use_cache:
+            self.speaker_cache.put(key, vector)
         return vector, False
 
     def embed_speaker(self, reference: np.ndarray) -> np.ndarray:
@@ -296,10 +303,11 @@ class VoiceConverter:
     # -- the whole conversion ---------------------------------------------------------------------
 
     def convert(self, speech: np.ndarray, sample_rate: int, reference: np.ndarray, *,
-                deterministic: bool = False, seed: int | None = None) -> VoiceResult:
+                deterministic: bool = False, seed: int | None = None, use_cache: bool = True) -> VoiceResult:
         """`speech` (mono, any rate) in the voice of `reference` (16 kHz, trimmed: see reference_from_*).
 
         Output: float32 at cfg.output_sample_rate, exactly as long as the source speech.
+        `use_cache=False` neither reads nor fills the speaker-embedding cache (the warm-up).
         """
         speech = np.asarray(speech, dtype=np.float32).reshape(-1)
         if speech.size == 0 or not np.isfinite(speech).all():
@@ -318,7 +326,7 @@ class VoiceConverter:
         timings["wavlm"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        speaker, cached = self.speaker_vector(reference)
+        speaker, cached = self.speaker_vector(reference, use_cache=use_cache)
         timings["speaker_embedding"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -351,6 +359,25 @@ class VoiceConverter:
         norms = float(np.linalg.norm(speaker) * np.linalg.norm(embedding))
         return round(float(np.dot(speaker, embedding)) / norms, 4) if norms > 0 else None
 
+    def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
+        """Every path of a request once, on synthetic inputs (lipserve.warmup): the reference voice
+        from a video's audio track and from an audio file (decode, the voiced-speech check and the
+        trim: librosa's lazily imported modules), then `convert` with its defaults (WavLM, the speaker
+        embedding, synthesis). The speaker cache is left untouched. Returns seconds per path."""
+        from ..warmup import WarmupReport, warmup_inputs
+
+        inputs = inputs or warmup_inputs(seconds or self.settings.warmup_seconds)
+        report = WarmupReport()
+        with report.path("reference_from_video"):
+            reference = self.reference_from_video(inputs.video, use_cache=False)
+        with report.path("reference_from_audio"):
+            self.reference_from_audio(inputs.video)
+        with report.path("convert"):
+            result = self.convert(np.array(inputs.speech), inputs.sample_rate, reference, use_cache=False)
+        report.update({f"convert.{step}": round(seconds, 4) for step, seconds in result.timings.items()})
+        self.warm_up_report = dict(report)
+        return self.warm_up_report
+
     def describe(self) -> dict:
         return {
             "variant": self.variant,
@@ -365,5 +392,7 @@ class VoiceConverter:
                 "peak_dbfs": round(self.precision_gap.peak_dbfs, 1) if self.precision_gap.finite else None,
                 "probe": self.precision_gap.probe, "tolerance_dbfs": AUTOCAST_MAX_GAP_DBFS},
             "fast_paths": self.fast_paths,
+            "load_timings": {name: round(seconds, 3) for name, seconds in self.load_timings.items()},
+            "warm_up": self.warm_up_report,
             "speaker_cache": self.speaker_cache.stats(),
         }

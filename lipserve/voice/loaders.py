@@ -16,7 +16,7 @@ from ..models.speaker_encoder import SpeakerEncoder
 from ..models.wavlm import WavLM
 from ..settings import Settings
 from ..weights.formats import CheckpointFormatError, check_keys, read_checkpoint
-from ..weights.resolve import checkpoint_path, load_weights
+from ..weights.resolve import build_uninitialized, checkpoint_path, load_weights
 
 log = logging.getLogger("lipserve.voice")
 
@@ -38,10 +38,10 @@ def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[
         cfg = ckpt.extra["cfg"]
         if not isinstance(cfg, dict):
             raise CheckpointFormatError(f"{path}: 'cfg' is a {type(cfg).__name__}, expected a dict")
-        # Built without allocating, then handed the checkpoint's tensors: one copy of 1.2 GB, not two.
+        # Built without initialising (its memory never touched), then handed the checkpoint's tensors:
+        # one copy of 1.2 GB, not two.
         try:
-            with torch.device("meta"):
-                model = WavLM(cfg)
+            model = build_uninitialized(lambda: WavLM(cfg))
         except (ValueError, TypeError, SyntaxError) as exc:  # a cfg this architecture cannot be built from
             raise CheckpointFormatError(f"{path}: unusable WavLM cfg ({exc})") from exc
         check_keys(ckpt.state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()}, where=str(path))
@@ -49,11 +49,8 @@ def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[
         log.info("WavLM: loaded %s", path)
         synthetic = False
     else:
-        with torch.device("meta"):
-            model = WavLM(wavlm_large_config())
-        if settings.allow_synthetic_weights:
-            # every tensor is overwritten by the synthetic weights (strict), so skip initialisation
-            model.to_empty(device="cpu")
+        # every tensor is overwritten by the synthetic weights (strict), so skip initialisation
+        model = build_uninitialized(lambda: WavLM(wavlm_large_config()))
         # raises WeightsMissing (naming the file and the fetch command) unless synthetic weights are allowed
         synthetic, _ = load_weights(model, kind="wavlm", filename=WAVLM_FILE, weights_dir=settings.weights_dir,
                                     allow_synthetic=settings.allow_synthetic_weights, what="WavLM content encoder")
@@ -64,7 +61,7 @@ def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[
 
 def load_speaker_encoder(settings: Settings, device: torch.device | str = "cpu") -> tuple[SpeakerEncoder, bool]:
     """(SpeakerEncoder in eval mode on `device`, synthetic); the file's extra similarity_* keys are ignored."""
-    model = SpeakerEncoder()
+    model = build_uninitialized(SpeakerEncoder)  # every tensor is loaded next
     synthetic, _ = load_weights(model, kind="speaker_encoder", filename=SPEAKER_ENCODER_FILE,
                                 weights_dir=settings.weights_dir, allow_synthetic=settings.allow_synthetic_weights,
                                 what="speaker encoder")

@@ -20,7 +20,7 @@ import torch
 from ..models.freevc import SynthesizerTrn
 from ..models.freevc_configs import FreeVCConfig, freevc_config
 from ..settings import Settings
-from ..weights.resolve import load_weights
+from ..weights.resolve import build_uninitialized, load_weights
 
 
 def synthesizer_filename(variant: str) -> str:
@@ -31,7 +31,7 @@ def synthesizer_filename(variant: str) -> str:
 def load_synthesizer(settings: Settings, device: torch.device | str, variant: str | None = None) -> tuple[SynthesizerTrn, bool]:
     """(SynthesizerTrn in eval mode on `device`, synthetic) for `variant` (default settings.freevc_variant)."""
     variant = variant or settings.freevc_variant
-    net = SynthesizerTrn(freevc_config(variant))
+    net = build_uninitialized(lambda: SynthesizerTrn(freevc_config(variant)))  # every tensor is loaded next
     synthetic, _ = load_weights(net, kind="freevc", filename=synthesizer_filename(variant),
                                 weights_dir=settings.weights_dir, allow_synthetic=settings.allow_synthetic_weights,
                                 what=f"voice conversion ({variant})")

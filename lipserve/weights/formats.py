@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,10 @@ def read_checkpoint(path: str | os.PathLike, kind: str) -> LoadedCheckpoint:
     fmt = FORMATS[kind]
     path = Path(path)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        # A zip-format file (torch >= 1.6) is memory-mapped: only the tensors the network takes are
+        # read (wav2lip.pth and freevc.pth also hold optimizer state, twice the weights), straight
+        # from the page cache. Older pickle-format files cannot be mapped and are read whole.
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for a bad file; name the file and the cause
         raise CheckpointFormatError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(raw, dict):

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..errors import WeightsMissing
 from .formats import LoadedCheckpoint, check_keys, read_checkpoint
@@ -20,6 +23,34 @@ SYNTHETIC_WARNING = (
 
 def checkpoint_path(weights_dir: str | Path, filename: str) -> Path:
     return Path(weights_dir) / filename
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """While active, parameter initialisation does nothing: torch.nn.init's in-place fills (and
+    Tensor.uniform_/normal_) return their tensor untouched, torch.randn/rand give torch.empty.
+
+    Not the meta device: a meta-device randn or normal_ makes torch import its Python meta
+    kernels (sympy, torch._dynamo, ~800 modules, 1.5-5 s of CPU at a replica's start)."""
+
+    _CREATE_KWARGS = ("dtype", "device", "layout", "requires_grad", "pin_memory")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.uniform_, torch.Tensor.normal_) or (
+                getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")):
+            return args[0] if args else kwargs["tensor"]
+        if func in (torch.randn, torch.rand):
+            return torch.empty(*args, **{k: v for k, v in kwargs.items() if k in self._CREATE_KWARGS})
+        return func(*args, **kwargs)
+
+
+def build_uninitialized(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The network `factory()` builds, on the CPU, with its tensors left uninitialised (their memory
+    mostly never touched): for a network whose every tensor is then overwritten (a checkpoint with
+    a strict key check, or the synthetic weights), torch's random initialisation is wasted start-up
+    time, and a checkpoint loaded with assign=True then needs no second copy of the weights."""
+    with _SkipRandomInit():
+        return factory()
 
 
 def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_dir: str | Path,
@@ -48,3 +79,24 @@ def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_d
     module.load_state_dict(ckpt.state_dict, strict=strict)
     log.info("%s: loaded %s", what, path)
     return False, ckpt
+
+
+def load_concurrently(loaders: dict) -> tuple[dict, dict[str, float]]:
+    """Run independent loaders at once ({name: () -> result}); ({name: result}, {name: seconds}).
+
+    Reading a checkpoint, building a network and filling synthetic weights mostly run in torch
+    and numpy with the GIL released, so a stage's models load side by side. The first failure
+    is raised (after the others finished)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(load):
+        start = time.perf_counter()
+        result = load()
+        return result, time.perf_counter() - start
+
+    if not loaders:
+        return {}, {}
+    with ThreadPoolExecutor(max_workers=len(loaders), thread_name_prefix="load") as pool:
+        futures = {name: pool.submit(timed, load) for name, load in loaders.items()}
+        done = {name: future.result() for name, future in futures.items()}
+    return {name: result for name, (result, _) in done.items()}, {name: s for name, (_, s) in done.items()}
