@@ -223,3 +223,24 @@ def test_a_bad_field_fails_in_the_client_before_anything_is_sent():
             with pytest.raises(ValueError, match="resize_factor"):
                 client.lip_video(*ARGS, options={"resize_factor": 0})
     assert server.hits == []
+
+
+def test_lipserve_call_job_mode_prints_each_stage_and_the_result(capsys):
+    from lipserve.cli import main
+
+    base = {"job_id": "j9", "created_at": 1.0, "updated_at": 2.0}
+    script = [(202, {**base, "status": "queued"}, {}),
+              (200, {**base, "status": "running", "stage": "tts", "stages": {"tts": {"state": "running"}}}, {}),
+              (200, {**base, "status": "done", "result": RESULT,
+                     "stages": {"tts": {"state": "done", "seconds": 1.25}, "lipsync": {"state": "done", "seconds": 3.5}}}, {})]
+    with ScriptedServer(script) as server:
+        code = main(["call", "--url", server.url, "--video", "gs://b/in.mp4", "--text", "Hi there.", "--job",
+                     "--poll", "0", "--token", "t0k"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [h["path"] for h in server.hits] == ["/api/v1/jobs", "/api/v1/jobs/j9", "/api/v1/jobs/j9"]
+    sent = json.loads(server.hits[0]["body"])
+    assert sent["output_video_gs"].startswith("gs://b/in-said-") and server.hits[0]["headers"]["Authorization"] == "Bearer t0k"
+    assert "job j9 accepted" in err and "tts       running" in err and "tts       done in 1.25s" in err
+    assert "lipsync   done in 3.50s" in err and "SYNTHETIC" in err
+    assert "wrote gs://b/out.mp4 (1.50s)" in out

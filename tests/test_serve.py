@@ -363,7 +363,7 @@ def test_published_example_request_is_accepted(served):
 
 def test_invalid_bodies_get_lipserves_error_body_not_fastapis(served):
     url = f"http://127.0.0.1:{served['port']}"
-    good = _body(served["bucket"], "out/never.mp4", src="does-not-exist.mp4")
+    good = _body(served["bucket"], "exists.mp4")  # a valid body that pre-flight refuses (409) on every route
     cases = [  # (content, headers, status, code, field, message)
         (b"{not json", {"content-type": "application/json"}, 400, "invalid_field", "body", "the body must be a JSON object"),
         (b"", {"content-type": "application/json"}, 400, "invalid_field", "body", "the body must be a JSON object"),
@@ -372,9 +372,9 @@ def test_invalid_bodies_get_lipserves_error_body_not_fastapis(served):
          "output_video_gs", "output_video_gs: Field required"),
         (json.dumps({**good, "colour": "red"}).encode(), {}, 400, "invalid_field", "colour", None),
         (json.dumps({**good, "options": {"pads": [0, -1, 0, 0]}}).encode(), {}, 400, "invalid_field", "options.pads", None),
-        # the body was always read as JSON whatever the Content-Type; it still is (here it gets as far as the source)
-        (json.dumps(good).encode(), {"content-type": "application/x-www-form-urlencoded"}, 404, "source_not_found", None, None),
-        (json.dumps(good).encode(), {"content-type": "text/plain"}, 404, "source_not_found", None, None),
+        # the body was always read as JSON whatever the Content-Type; it still is (it gets as far as pre-flight)
+        (json.dumps(good).encode(), {"content-type": "application/x-www-form-urlencoded"}, 409, "output_exists", None, None),
+        (json.dumps(good).encode(), {"content-type": "text/plain"}, 409, "output_exists", None, None),
     ]
     for path in ("/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"):
         for content, headers, status, code, field, message in cases:
@@ -387,7 +387,6 @@ def test_invalid_bodies_get_lipserves_error_body_not_fastapis(served):
         # the token is checked before the body: a caller without it learns nothing about the body
         r = httpx.post(url + path, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-    assert not _exists(served, f"gs://{served['bucket']}/out/never.mp4")
 
 
 # ---------------------------------------------------------------- the client and jobs (issue 14)
@@ -453,25 +452,21 @@ def test_a_failing_job_ends_with_the_routes_error_body(served):
     assert not _exists(served, f"gs://{served['bucket']}/out/job-silent.mp4")
 
 
-def test_client_calls_the_synchronous_route_and_the_cli_prints_the_result(served):
+def test_lipserve_call_uses_the_client_on_the_synchronous_route(served):
+    """`lipserve call` (LipserveClient.lip_video; the job methods are tested above)."""
     from lipserve.client import LipserveClient
 
-    with LipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=CLIENT_TIMEOUT_S) as client:
-        answer = client.lip_video("Good evening.", f"gs://{served['bucket']}/src.mp4",
-                                  f"gs://{served['bucket']}/out/client.mp4", request_id="client-call")
-        assert answer.request_id == "client-call" and _exists(served, answer.output_video_gs)
-        assert "en" in client.languages()["languages"]
-    cli = Path(sys.executable).with_name("lipserve")
-    run = subprocess.run([str(cli), "call", "--url", f"http://127.0.0.1:{served['port']}", "--token", TOKEN,
-                          "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Good night.",
-                          "--out", f"gs://{served['bucket']}/out/cli.mp4", "--job", "--poll", "0.5"],
+    with LipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=30) as client:
+        assert "en" in client.languages()["languages"] and client.health()["status"] == "ok"
+    cli = [str(Path(sys.executable).with_name("lipserve")), "call", "--url", f"http://127.0.0.1:{served['port']}"]
+    run = subprocess.run([*cli, "--token", TOKEN, "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Good night.",
+                          "--out", f"gs://{served['bucket']}/out/cli.mp4", "--json"],
                          capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"wrote gs://{served['bucket']}/out/cli.mp4" in run.stdout
-    assert "lipsync" in run.stderr and "SYNTHETIC" in run.stderr
-    assert _exists(served, f"gs://{served['bucket']}/out/cli.mp4")
-    run = subprocess.run([str(cli), "call", "--url", f"http://127.0.0.1:{served['port']}", "--token", "wrong",
-                          "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Hi."],
+    answer = json.loads(run.stdout)
+    assert answer["output_video_gs"] == f"gs://{served['bucket']}/out/cli.mp4" and "SYNTHETIC" in run.stderr
+    assert _exists(served, answer["output_video_gs"])
+    run = subprocess.run([*cli, "--token", "wrong", "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Hi."],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "401 unauthorized" in run.stderr
 
@@ -589,12 +584,17 @@ def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
         assert schema_tab, "no Schema tab for the request body"
         schema_tab[0].click()
         _wait_for(driver, "return document.querySelector('.opblock-body .model-box')", 30, "the request schema")
-        for expand in driver.find_elements(By.CSS_SELECTOR, ".opblock-body .model-box .model-toggle.collapsed")[:2]:
-            expand.click()
+        # the model's "Collapse all" then "Expand all": every field with its description and limits
+        for _ in range(2):
+            driver.find_elements(By.CSS_SELECTOR, ".opblock-body .json-schema-2020-12-expand-deep-button")[0].click()
+            time.sleep(0.3)
         body_text = driver.find_element(By.CSS_SELECTOR, ".opblock-body").text
-        for field in ("word", "user_video_gs", "output_video_gs", "tts_lang", "options"):
+        for field in ("word", "user_video_gs", "output_video_gs", "tts_lang", "options", "face_mode",
+                      "max_text_chars", "413 input_too_large", "[1, 16] characters"):
             assert field in body_text, field
-        driver.execute_script("document.querySelector('.opblock-body .model-box').scrollIntoView({block: 'start'})")
+        driver.set_window_size(1280, 1700)
+        driver.execute_script("document.querySelector('.opblock-section-request-body').scrollIntoView({block: 'start'})")
+        time.sleep(0.5)
         driver.save_screenshot(str(shots / "docs-request-schema.png"))
     finally:
         driver.quit()
