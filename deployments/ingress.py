@@ -62,6 +62,11 @@ log = logging.getLogger("lipserve.ingress")
 # what the lip-video and job routes can answer besides success (each with its codes, in the schema)
 REQUEST_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 500, 502, 503, 504)
 EXAMPLE_BODY = Body(openapi_examples={"gcs": {"summary": "gs:// in, gs:// out", "value": EXAMPLE_REQUEST}})
+# (an example given as openapi_examples, also because a plain `example` does not survive Serve's
+# copy of the app: FastAPI's "unset" marker is compared by identity, and the copy prints it as {})
+MEDIA_URI = Query(..., description="gs:// or storage-root path of a media file",
+                  openapi_examples={"result": {"summary": "a result under the storage root",
+                                               "value": "results/0123abcd.mp4"}})
 
 STAGE_INFO_TIMEOUT_S = 15.0
 
@@ -432,7 +437,7 @@ class Ingress:
     @app.get("/api/v1/media", response_class=Response,
              responses={200: {"description": "the file's bytes", "content": {"video/mp4": {}}},
                         **error_responses(400, 401, 403, 404, 413, 502)})
-    async def media(self, request: Request, uri: str = Query(..., description="gs:// or storage-root path of a media file")):
+    async def media(self, request: Request, uri: str = MEDIA_URI):
         """A result (or any media file the API may read: the storage root and the allowed buckets),
         for playback in the page."""
         request_id = request_id_of(request)
