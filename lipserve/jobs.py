@@ -71,17 +71,25 @@ class JobBook:
     # ------------------------------------------------------------ read by any replica
 
     def get(self, job_id: str, lost_after_s: float, retention_s: float) -> dict | None:
-        """The job's state, or None if there is no such job (or it expired)."""
+        """The job's state, or None if there is no such job (or it expired). Every read also fails
+        the jobs whose replica went silent and forgets the expired ones, so a lost job nobody asks
+        about still ends and goes."""
+        self.fail_lost(lost_after_s, retention_s)
         self.sweep()
         job = self.jobs.get(job_id)
-        if job is None:
-            return None
-        if job["status"] in ACTIVE and self.clock() - self.seen.get(job_id, job["created_at"]) > lost_after_s:
+        return None if job is None else self.public(job)
+
+    def fail_lost(self, lost_after_s: float, retention_s: float) -> list[str]:
+        """Fail (job_interrupted, 503) the queued or running jobs not reported for lost_after_s."""
+        now = self.clock()
+        lost = [k for k, j in self.jobs.items()
+                if j["status"] in ACTIVE and now - self.seen.get(k, j["created_at"]) > lost_after_s]
+        for job_id in lost:
             err = JobInterrupted(f"the ingress replica running this job stopped reporting for more than "
                                  f"{lost_after_s:g} s (it was replaced or died); submit the job again")
-            self._end(job_id, "failed", retention_s, error=err.to_dict(job["request_id"])["error"],
+            self._end(job_id, "failed", retention_s, error=err.to_dict(self.jobs[job_id]["request_id"])["error"],
                       http_status=err.status)
-        return self.public(job)
+        return lost
 
     def sweep(self) -> int:
         """Forget finished jobs past their expiry; returns how many went."""

@@ -75,6 +75,17 @@ def test_a_job_whose_replica_stops_reporting_fails_as_interrupted():
     assert book.get("lost", 30, 60)["status"] == "failed"
 
 
+def test_a_lost_job_nobody_asks_about_still_ends_and_expires():
+    book, clock = book_and_clock()
+    book.create("forgotten", "r1", owner="gone")
+    clock.now += 31
+    assert book.get("other", lost_after_s=30, retention_s=60) is None  # any read settles the book
+    assert book.counts() == {"queued": 0, "running": 0, "done": 0, "failed": 1}
+    clock.now += 61
+    book.get("other", 30, 60)
+    assert book.jobs == {}
+
+
 def test_unknown_jobs_are_none_and_reports_about_them_are_ignored():
     book, _ = book_and_clock()
     assert book.get("nope", 30, 60) is None
