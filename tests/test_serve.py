@@ -542,7 +542,8 @@ def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
         driver.get(base + "/")
         assert driver.title.startswith("lipserve")
         driver.find_element(By.ID, "token").send_keys(TOKEN + Keys.TAB)  # 'change' reloads the languages
-        _wait_for(driver, "return [...document.getElementById('lang').options].length > 1", 60, "the language list")
+        _wait_for(driver, "return document.getElementById('lang').dataset.loaded === 'yes'", 60, "the language list")
+        assert "en" in [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#lang option")]
         driver.find_element(By.ID, "file").send_keys(str(local_clip))
         word = driver.find_element(By.ID, "word")
         word.clear()
