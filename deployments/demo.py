@@ -29,9 +29,10 @@ BANNER = "!" * 78
 
 def quiet_ray() -> None:
     """Keep Ray's own messages that are not the demo user's concern out of the output."""
-    # Ray 2.60 turns token authentication on for a new local cluster and warns that it did so;
-    # choosing it explicitly keeps it on (a token is made in ~/.ray if there is none) without the warning
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray 2.60 turns token authentication on for a new local cluster and warns that it did so: it
+    # stays on, without the warning. (Not by setting RAY_AUTH_MODE here: ray, already imported, has
+    # read its mode, and the cluster it starts would then ask this driver for a token it never sends.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Serve's progress lines (started, connecting, app ready): the demo says what happened itself
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
