@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/cpu-torch.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements/cpu-torch.txt
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[dev,fast]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,6 +1,7 @@
 """`lipserve` command line.
 
     lipserve run --video me.mp4 --text "Hello there" --out said.mp4   # the whole pipeline, one process, no Ray
+    lipserve run --video me.mp4 --audio speech.wav --box 100 60 300 280 --out said.mp4   # own speech and face box
     lipserve call --url http://host:8000 --video gs://b/me.mp4 --text "Hello there"   # a running server
     lipserve weights fetch|verify|list                                 # checkpoints (lipserve/weights/cli.py)
 """
@@ -56,12 +57,20 @@ def cmd_run(args) -> int:
         overrides["weights_dir"] = args.weights_dir
     settings = Settings(**overrides)
 
+    if not args.text and not args.audio:
+        print("error: give --text (what to say) or --audio (a recording to say it with)", file=sys.stderr)
+        return 2
     options = {"overwrite": args.overwrite, "tts_engine": args.engine}
     if args.face_mode:
         options["face_mode"] = args.face_mode
+    if args.box:
+        x1, y1, x2, y2 = args.box
+        options["box"] = {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
+    if args.audio:
+        options["audio"] = _local_uri(args.audio)
     if args.reference:
         options["reference_audio"] = _local_uri(args.reference)
-    request = LipVideoRequest(word=args.text, user_video_gs=_local_uri(args.video),
+    request = LipVideoRequest(word=args.text or "", user_video_gs=_local_uri(args.video),
                               output_video_gs=_local_uri(args.out), tts_lang=args.lang,
                               options=RequestOptions(**options))
 
@@ -160,11 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="make one lip-synced video in this process (no Ray)")
     run.add_argument("--video", required=True, help="source selfie video (path or gs://)")
-    run.add_argument("--text", required=True, help="what the person will say")
+    run.add_argument("--text", default=None, help="what the person will say (spoken by TTS)")
+    run.add_argument("--audio", default=None,
+                     help="a recording of what the person will say, instead of --text (any audio or video file)")
     run.add_argument("--out", required=True, help="output mp4 (path or gs://)")
     run.add_argument("--lang", default="en", help="TTS language code (default en)")
     run.add_argument("--engine", default="auto", help="TTS engine: auto, piper, espeak, gtts")
     run.add_argument("--face-mode", choices=["static", "track"], default=None, help="face finding (default static)")
+    run.add_argument("--box", type=int, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), default=None,
+                     help="the face box in source pixels, used for every frame (no face detection)")
     run.add_argument("--reference", default=None, help="separate voice reference (audio or video file)")
     run.add_argument("--synthetic-weights", action="store_true",
                      help="allow synthetic weights when checkpoints are missing (output NOT meaningful)")

@@ -49,6 +49,8 @@ class RequestOptions(BaseModel):
                                                "is 409 output_exists.")
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
+    audio: str | None = Field(None, description="gs:// or local path of the speech to say, instead of text-to-speech "
+                                               "(any audio or video file; `word` may then be empty)")
     deterministic_voice: bool = Field(True, description="FreeVC prior noise off: identical audio for identical input")
 
     @field_validator("pads")
@@ -66,7 +68,8 @@ class LipVideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
     word: str = Field(..., description="What the person will say: a word or a sentence, 1..max_text_chars "
                                        "characters (setting, default 500; more is 413 text_too_long), whose speech "
-                                       "lasts at most max_speech_seconds (default 30 s).")
+                                       "lasts at most max_speech_seconds (default 30 s). May be empty when "
+                                       "options.audio gives the speech.")
     user_video_gs: str = Field(..., min_length=1, description=(
         "The source selfie video: gs://bucket/object or a path under the storage root. At most max_input_bytes "
         "(default 100 MiB; 413 input_too_large), max_video_seconds (default 60 s; 413 video_too_long) and "

@@ -99,6 +99,10 @@ class TextTooLong(TooLarge):
     code = "text_too_long"
 
 
+class AudioTooLong(TooLarge):
+    code = "audio_too_long"
+
+
 # 422 — the content cannot be used
 class Unprocessable(LipserveError):
     status, code = 422, "unprocessable"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 from .contract import LipVideoRequest, LipVideoResponse
 from .errors import (
+    AudioTooLong,
     EmptyText,
     InvalidField,
     ResolutionTooLarge,
@@ -67,11 +68,12 @@ class Preflight:
     overwrite: bool
     lipsync: dict          # LipSyncOptions fields, plain (the ingress need not import the lipsync module)
     reference_uri: str | None
+    audio_uri: str | None = None  # the caller's own speech: TTS is skipped
 
 
-def check_text(word: str, settings: Settings) -> str:
+def check_text(word: str, settings: Settings, *, may_be_empty: bool = False) -> str:
     text = (word or "").strip()
-    if not text:
+    if not text and not may_be_empty:
         raise EmptyText("word is empty: give the word or sentence to say", field="word")
     if len(text) > settings.max_text_chars:
         raise TextTooLong(f"word has {len(text)} characters; the limit is {settings.max_text_chars}", field="word")
@@ -120,18 +122,20 @@ def preflight(request: LipVideoRequest, settings: Settings, storage,
               languages: dict[str, list[str]] | None = None) -> Preflight:
     """Everything that can be refused before any heavy work: text, language, URIs, allow-list,
     an existing output (409). Raises the named errors; touches storage only for metadata."""
-    text = check_text(request.word, settings)
     opts = request.options
+    text = check_text(request.word, settings, may_be_empty=opts.audio is not None)
     lang = check_language(request.tts_lang, opts.tts_engine, languages)
     lip = lipsync_options(opts, settings)
     storage.parse(request.user_video_gs)
     if opts.reference_audio:
         storage.parse(opts.reference_audio)
+    if opts.audio:
+        storage.parse(opts.audio)
     storage.check_output(request.output_video_gs, overwrite=opts.overwrite)
     if storage.parse(request.output_video_gs) == storage.parse(request.user_video_gs):
         raise InvalidField("output_video_gs must differ from user_video_gs", field="output_video_gs")
     return Preflight(text=text, language=lang, engine=opts.tts_engine, overwrite=opts.overwrite,
-                     lipsync=lip, reference_uri=opts.reference_audio)
+                     lipsync=lip, reference_uri=opts.reference_audio, audio_uri=opts.audio)
 
 
 def check_video(data: bytes, settings: Settings):
@@ -152,6 +156,25 @@ def check_speech(seconds: float, settings: Settings) -> None:
     if seconds > settings.max_speech_seconds:
         raise TextTooLong(f"the speech for this text lasts {seconds:.1f} s; the limit is "
                           f"{settings.max_speech_seconds:g} s", field="word")
+
+
+def load_given_speech(storage, uri: str, settings: Settings):
+    """options.audio: the caller's speech, fetched (input limits apply) and decoded to 16 kHz mono.
+
+    Named errors: the storage ones (400/403/404/413/502), InvalidAudio (422) when it is not decodable
+    audio, AudioTooLong (413) past max_speech_seconds. The level is left as given.
+    """
+    from . import media
+    from .tts.base import SpeechResult
+
+    data = storage.read_bytes(uri)
+    limit = settings.max_speech_seconds
+    audio = media.decode_audio_bytes(data, 16000, max_seconds=limit + 0.5)
+    if audio.size / 16000.0 > limit:
+        raise AudioTooLong(f"options.audio lasts more than {limit:g} s (the limit is max_speech_seconds)",
+                           field="options.audio")
+    return SpeechResult(audio=audio, sample_rate=16000, engine="given", voice=uri.rsplit("/", 1)[-1],
+                        language="", cached=False)
 
 
 def frames_for(fps: float, seconds: float) -> int:
@@ -276,7 +299,10 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
         return await remote_stage("faces", stages.plan_faces(video_token, pre.lipsync, frames_needed))
 
     async def audio_branch():
-        speech = await remote_stage("tts", stages.synthesize(pre.text, pre.language, pre.engine))
+        if pre.audio_uri:  # the caller's own speech; its fetch and decode are timed as the tts step
+            speech = await local_stage("tts", load_given_speech, storage, pre.audio_uri, settings)
+        else:
+            speech = await remote_stage("tts", stages.synthesize(pre.text, pre.language, pre.engine))
         speech_seconds = len(speech.audio) / float(speech.sample_rate)
         check_speech(speech_seconds, settings)
         voice = remote_stage("voice", stages.convert(speech.audio, speech.sample_rate, reference_token,

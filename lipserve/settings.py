@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto = fp16 autocast on CUDA, fp32 on CPU.")
     torch_threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
+    wavlm_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="WavLM execution: auto = the OpenVINO fp32 graph on CPU when installed and within its bound, else eager.")
+    synthesizer_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="FreeVC SynthesizerTrn execution (as wavlm_backend).")
+    wav2lip_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="Wav2Lip execution (as wavlm_backend).")
+    s3fd_backend: Literal["auto", "eager", "openvino"] = Field("auto", description="S3FD execution (as wavlm_backend).")
+    fast_cache_dir: Path | None = Field(Path("~/.cache/lipserve/openvino"), description="Where converted OpenVINO graphs are kept between starts (keyed by a hash of the weights); empty = convert at every start.")
 
     # weights
     weights_dir: Path = Field(Path("weights"), description="Where checkpoint files are looked up (see weights/manifest.toml).")
@@ -83,6 +88,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress (a job's work too).")
     job_retention_s: float = Field(3600.0, description="How long a finished job's result (or error) stays readable at GET /api/v1/jobs/{id}.")
     job_lost_after_s: float = Field(30.0, description="A queued or running job whose ingress replica has not reported for this long is failed with `job_interrupted`.")
+
+    @field_validator("fast_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def cpu_threads(self) -> int:
+        """Threads a stage's CPU kernels may use: torch_threads, or torch's default."""
+        if self.torch_threads:
+            return self.torch_threads
+        import torch
+
+        return torch.get_num_threads()
 
     @field_validator("allowed_buckets", "tts_order", mode="before")
     @classmethod

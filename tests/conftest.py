@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT))
 
 # Tests never reach the internet; keep torch from oversubscribing the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# converted OpenVINO graphs (lipserve.fast) are reused across test runs of this checkout and by the
+# Ray replicas the serve tests start (they inherit the environment)
+os.environ.setdefault("LIPSERVE_FAST_CACHE_DIR", str(ROOT / ".pytest_cache" / "openvino"))
 
 
 @pytest.fixture(scope="session")

@@ -12,18 +12,22 @@ import pytest
 from lipserve import media, testmedia
 from lipserve.contract import FaceBox, LipVideoRequest, RequestOptions
 from lipserve.errors import (
+    AudioTooLong,
     BucketNotAllowed,
     EmptyText,
     InvalidField,
     InvalidMedia,
     InvalidURI,
     OutputExists,
+    InvalidAudio,
     PathEscape,
+    SourceNotFound,
     TextTooLong,
     UnsupportedLanguage,
     VideoTooLong,
 )
-from lipserve.pipeline import STAGES, Pipeline, check_video, lipsync_options, new_request_id, preflight
+from lipserve.pipeline import (STAGES, Pipeline, check_video, lipsync_options, load_given_speech, new_request_id,
+                               preflight)
 from lipserve.settings import Settings
 from lipserve.storage import Storage
 
@@ -158,6 +162,55 @@ def test_pipeline_refuses_existing_output_before_any_stage(local_pipeline):
     assert (root / "out" / "exists.mp4").read_bytes() == b"keep me"
 
 
+def _write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
+    import scipy.io.wavfile
+
+    scipy.io.wavfile.write(path, rate, (testmedia.speechlike(seconds, rate, seed=4) * 32767).astype("int16"))
+    return path
+
+
+def test_given_audio_lets_word_be_empty_and_is_checked_like_other_inputs(root):
+    settings = Settings(storage_root=root)
+    pre = preflight(_request(word="", options=RequestOptions(audio="in/speech.wav")), settings, Storage(settings), LANGS)
+    assert pre.audio_uri == "in/speech.wav" and pre.text == ""
+    with pytest.raises(EmptyText):
+        preflight(_request(word=" "), settings, Storage(settings), LANGS)
+    with pytest.raises(PathEscape):
+        preflight(_request(options=RequestOptions(audio="../speech.wav")), settings, Storage(settings), LANGS)
+    with pytest.raises(InvalidURI):
+        preflight(_request(options=RequestOptions(audio="s3://b/speech.wav")), settings, Storage(settings), LANGS)
+
+
+def test_load_given_speech_decodes_to_16k_and_names_its_errors(root):
+    settings = Settings(storage_root=root, max_speech_seconds=2.0)
+    storage = Storage(settings)
+    _write_wav(root / "in" / "speech.wav", 1.5)
+    speech = load_given_speech(storage, "in/speech.wav", settings)
+    assert speech.sample_rate == 16000 and speech.engine == "given" and speech.voice == "speech.wav"
+    assert abs(speech.duration_s - 1.5) < 0.01 and speech.audio.dtype.name == "float32"
+    _write_wav(root / "in" / "long.wav", 2.6)
+    with pytest.raises(AudioTooLong):
+        load_given_speech(storage, "in/long.wav", settings)
+    with pytest.raises(InvalidAudio):
+        load_given_speech(storage, "in/src.mp4", settings)  # one byte: not audio
+    with pytest.raises(SourceNotFound):
+        load_given_speech(storage, "in/none.wav", settings)
+
+
+@pytest.mark.slow
+def test_pipeline_with_the_callers_speech_and_box(local_pipeline):
+    pipeline, root = local_pipeline
+    _write_wav(root / "speech.wav", 1.6)
+    box = FaceBox(x1=90, y1=50, x2=230, y2=200)
+    response = pipeline.run(_request(word="", user_video_gs="src.mp4", output_video_gs="out/given.mp4",
+                                     options=RequestOptions(audio="speech.wav", box=box)))
+    assert response.engines["tts"] == "given:speech.wav" and response.engines["faces"] == "given"
+    assert set(STAGES) | {"total"} == set(response.step_times)
+    assert abs(response.duration_s - 1.6) <= 1 / 25 + 0.01
+    info = media.probe((root / "out" / "given.mp4").read_bytes())
+    assert info.has_audio and abs(info.duration - 1.6) < 0.1
+
+
 # ---------------------------------------------------------------- the command line
 
 def _lipserve() -> list[str]:
@@ -178,6 +231,32 @@ def test_cli_run_makes_a_video(tmp_path):
         assert f"] {stage}" in proc.stderr  # a progress line per long stage
     assert f"wrote {out}" in proc.stdout
     assert media.probe(out.read_bytes()).has_audio
+
+
+@pytest.mark.slow
+def test_cli_run_with_own_audio_and_box(tmp_path):
+    src, out = tmp_path / "me.mp4", tmp_path / "said.mp4"
+    src.write_bytes(testmedia.astronaut_clip(seconds=2.0, fps=25, size=(320, 240), audio="speechlike"))
+    speech = _write_wav(tmp_path / "speech.wav", 1.2)
+    env = {**os.environ, "LIPSERVE_WEIGHTS_DIR": str(tmp_path / "none"), "LIPSERVE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(_lipserve() + ["run", "--video", str(src), "--audio", str(speech), "--box", "90", "50", "230",
+                                         "200", "--out", str(out), "--synthetic-weights", "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    body = json.loads(proc.stdout)
+    assert body["engines"]["tts"] == "given:speech.wav" and body["engines"]["faces"] == "given"
+    assert abs(media.probe(out.read_bytes()).duration - 1.2) < 0.1
+
+
+def test_cli_needs_text_or_audio(tmp_path):
+    proc = subprocess.run(_lipserve() + ["run", "--video", str(tmp_path / "me.mp4"), "--out", str(tmp_path / "o.mp4")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--text" in proc.stderr and "--audio" in proc.stderr
+    proc = subprocess.run(_lipserve() + ["run", "--video", "v.mp4", "--text", "x", "--out", "o.mp4", "--box", "1", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2  # argparse: --box takes four numbers
 
 
 def test_cli_reports_a_missing_source_without_loading_models(tmp_path):

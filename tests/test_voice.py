@@ -199,3 +199,13 @@ def test_reduced_precision_is_checked_against_fp32(converters, monkeypatch):
         assert vc.autocast is None and vc.precision_gap > 0  # too far from fp32: back to fp32
     finally:
         vc.autocast, vc.precision_gap = None, None
+
+
+def test_a_returning_video_reuses_its_trimmed_reference(converters, astronaut_still, monkeypatch):
+    vc = converters["freevc"]
+    first = vc.reference_from_video(astronaut_still)
+    decoded = []
+    monkeypatch.setattr("lipserve.voice.reference.reference_from_video", lambda data: decoded.append(data))
+    again = vc.reference_from_video(bytes(astronaut_still))  # same bytes, another object
+    assert decoded == [] and again is first  # no second decode of the audio track
+    assert np.array_equal(first, reference_from_video(astronaut_still))

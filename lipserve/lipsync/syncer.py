@@ -130,7 +130,16 @@ class LipSyncer:
         self.autocast = autocast_dtype(self.device, settings.precision)
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
+        # the fast graphs (lipserve.fast) where the settings and their bounds allow, else the eager modules
+        from ..fast import fast_s3fd, fast_wav2lip
+
+        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
+        self.lip_model, report = fast_wav2lip(self.model, settings.wav2lip_backend, self.device, threads, cache)
+        self.fast_paths = {"wav2lip": report.as_dict()}
         s3fd = load_s3fd(settings, self.device)
+        if s3fd is not None:
+            s3fd, report = fast_s3fd(s3fd, settings.s3fd_backend, self.device, threads, cache)
+            self.fast_paths["s3fd"] = report.as_dict()
         self.detector: FaceDetector = S3FDDetector(s3fd, self.device) if s3fd is not None else HaarDetector()
         if s3fd is None:
             log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
@@ -148,6 +157,7 @@ class LipSyncer:
             "precision": str(self.autocast).replace("torch.", "") if self.autocast else "fp32",
             "batch_size": self.batch_size(),
             "face_cache": self.face_cache.stats(),
+            "fast_paths": self.fast_paths,
         }
 
     def clear_face_cache(self) -> None:
@@ -278,9 +288,9 @@ class LipSyncer:
             with self._model_lock, torch.inference_mode():
                 if self.autocast is not None:
                     with torch.autocast(self.device.type, dtype=self.autocast):
-                        predictions = self.model(windows, face_input.to(self.device))
+                        predictions = self.model(windows, face_input.to(self.device))  # autocast: eager only
                 else:
-                    predictions = self.model(windows, face_input.to(self.device))
+                    predictions = self.lip_model(windows, face_input.to(self.device))
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
             t_paste = time.perf_counter()

@@ -125,7 +125,9 @@ class Encoder(nn.Module):
         self.proj = nn.Conv1d(hidden, out_channels * 2, 1)
 
     def forward(self, x: torch.Tensor, x_lengths: torch.Tensor, g: torch.Tensor | None = None, *,
-                noise_scale: float = 1.0, generator: torch.Generator | None = None):
+                noise_scale: float = 1.0, generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+        """`noise` (shape of m): the standard normal draw, given instead of sampled here (an exported graph
+        takes it as an input); still multiplied by noise_scale."""
         steps = torch.arange(x.size(2), device=x.device)
         x_mask = (steps[None, :] < x_lengths[:, None]).unsqueeze(1).to(x.dtype)
         x = self.pre(x) * x_mask
@@ -133,7 +135,8 @@ class Encoder(nn.Module):
         stats = self.proj(x) * x_mask
         m, logs = torch.split(stats, self.out_channels, dim=1)
         if noise_scale:
-            noise = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+            if noise is None:
+                noise = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
             z = (m + noise * noise_scale * torch.exp(logs)) * x_mask
         else:
             z = m * x_mask  # the official sample with the noise switched off
@@ -306,21 +309,22 @@ class SynthesizerTrn(nn.Module):
 
     def infer_steps(self, c: torch.Tensor, g: torch.Tensor | None = None, mel: torch.Tensor | None = None,
                     c_lengths: torch.Tensor | None = None, noise_scale: float = 1.0,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`infer` plus its intermediates: z_p, m_p, logs_p (prior), z (after the reverse flow), out."""
         if c_lengths is None:
             c_lengths = torch.full((c.size(0),), c.size(-1), device=c.device)
         g = self.speaker_vector(g, mel).unsqueeze(-1)
-        z_p, m_p, logs_p, c_mask = self.enc_p(c, c_lengths, noise_scale=noise_scale, generator=generator)
+        z_p, m_p, logs_p, c_mask = self.enc_p(c, c_lengths, noise_scale=noise_scale, generator=generator, noise=noise)
         z = self.flow(z_p, c_mask, g=g, reverse=True)
         out = self.dec(z * c_mask, g=g)
         return {"z_p": z_p, "m_p": m_p, "logs_p": logs_p, "z": z, "out": out}
 
     def infer(self, c: torch.Tensor, g: torch.Tensor | None = None, mel: torch.Tensor | None = None,
               c_lengths: torch.Tensor | None = None, noise_scale: float = 1.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """c [B, ssl_dim, frames] -> waveform [B, 1, frames * output_hop] in [-1, 1].
 
         noise_scale 1.0 is the official random sampling of the prior; 0 makes the output deterministic.
+        `noise` [B, inter_channels, frames] replaces the standard normal draw when given.
         """
-        return self.infer_steps(c, g, mel, c_lengths, noise_scale, generator)["out"]
+        return self.infer_steps(c, g, mel, c_lengths, noise_scale, generator, noise)["out"]

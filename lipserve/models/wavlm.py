@@ -425,7 +425,7 @@ class WavLM(nn.Module):
         return self.extract_features(wav)
 
     def extract_features_chunked(self, wav: torch.Tensor, *, chunk_frames: int = 1000,
-                                 context_frames: int = 250) -> torch.Tensor:
+                                 context_frames: int = 250, extract=None) -> torch.Tensor:
         """extract_features over long audio in overlapping windows, to bound attention memory.
 
         Attention memory grows with frames squared (the gated bias alone is heads x T x T per
@@ -435,17 +435,20 @@ class WavLM(nn.Module):
         of 320 samples), so the conv features are identical to a single pass; the Transformer
         sees `context_frames` (5 s at 250) of context instead of the whole utterance, so the
         output is an approximation near chunk joins. Shorter inputs take the exact path.
+        `extract` (default self.extract_features) runs each window: another engine's copy of this
+        network (lipserve.fast) reuses the windowing this way.
         """
+        extract = extract or self.extract_features
         n_frames = self.feature_extractor.n_frames(wav.shape[-1])
         if n_frames <= chunk_frames + 2 * context_frames:
-            return self.extract_features(wav)
+            return extract(wav)
         hop, window = self.samples_per_frame, self.receptive_field
         pieces = []
         for start in range(0, n_frames, chunk_frames):
             stop = min(start + chunk_frames, n_frames)
             first, last = max(0, start - context_frames), min(n_frames, stop + context_frames)
             # frames [first, last) need samples [first * hop, (last - 1) * hop + window)
-            out = self.extract_features(wav[:, first * hop: (last - 1) * hop + window])
+            out = extract(wav[:, first * hop: (last - 1) * hop + window])
             pieces.append(out[:, start - first: stop - first])
         return torch.cat(pieces, dim=1)
 

@@ -33,6 +33,7 @@ log = logging.getLogger("lipserve.voice")
 
 CONTENT_RATE = 16000  # WavLM and the speaker encoder both take 16 kHz
 MIN_SPEECH_SAMPLES = 400  # one WavLM frame
+REFERENCE_CACHE_ENTRIES = 32  # trimmed reference voices by video hash (up to 60 s x 64 kB/s = 3.8 MB each)
 # Reduced precision (CUDA autocast) is kept only while a test conversion at load stays this close to
 # fp32 (max absolute difference of the waveform, full scale 1.0); otherwise precision "auto" falls back
 # to fp32. Measured with CPU autocast (same casts) on the synthetic weights, WavLM-Large + FreeVC, 1 s of
@@ -84,6 +85,7 @@ class VoiceConverter:
         self.synthetic_weights = any(synthetic)
         self.load_seconds = time.perf_counter() - start
         self.speaker_cache: LRUCache[np.ndarray] = LRUCache(settings.speaker_cache_size)
+        self.reference_cache: LRUCache[np.ndarray] = LRUCache(REFERENCE_CACHE_ENTRIES)
         # speech longer than chunk + 2 * context frames (30 s) goes through WavLM in windows, which bounds
         # attention memory (it grows with frames squared); shorter speech takes the exact single pass
         self.wavlm_chunk_frames = 1000
@@ -92,8 +94,30 @@ class VoiceConverter:
         self.precision_gap: float | None = None
         if self.autocast is not None:
             self._check_autocast(keep_anyway=settings.precision != "auto")
+        self._choose_fast_paths(settings)
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
+
+    def _choose_fast_paths(self, settings: Settings) -> None:
+        """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
+        from ..fast import fast_synthesizer, fast_wavlm
+
+        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
+        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.wavlm_backend, self.device, threads, cache)
+        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.synthesizer_backend,
+                                                                 self.device, threads, cache)
+        self.fast_paths = {"wavlm": wavlm_report.as_dict(), "synthesizer": synth_report.as_dict()}
+
+    # autocast (reduced precision, a CUDA feature) applies to the eager modules; the fast graphs are CPU fp32
+    def _content_runner(self):
+        return self.content_encoder if self.autocast is None else self.wavlm
+
+    def _synthesis_runner(self):
+        if self.autocast is None:
+            return self.synthesizer_runner
+        from ..fast.networks import EagerSynthesizer
+
+        return EagerSynthesizer(self.synthesizer)
 
     def autocast_gap(self, seconds: float = 1.0) -> float:
         """Max |autocast - fp32| of a deterministic test conversion with the loaded weights."""
@@ -126,7 +150,15 @@ class VoiceConverter:
     # -- the reference voice -------------------------------------------------------------------
 
     def reference_from_video(self, video: bytes) -> np.ndarray:
-        return reference_mod.reference_from_video(video)
+        """The trimmed reference voice of a video, remembered by the video's hash: a returning video's
+        speaker embedding is cached under the reference's own hash, so without this every request would
+        decode, resample and trim the audio track again just to find that key."""
+        key = content_key(video)
+        reference = self.reference_cache.get(key)
+        if reference is None:
+            reference = reference_mod.reference_from_video(video)
+            self.reference_cache.put(key, reference)
+        return reference
 
     def reference_from_audio(self, data: bytes) -> np.ndarray:
         return reference_mod.reference_from_audio(data)
@@ -144,9 +176,10 @@ class VoiceConverter:
         with torch.inference_mode(), self._autocast():
             if hasattr(self.wavlm, "extract_features_chunked"):
                 features = self.wavlm.extract_features_chunked(
-                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames)
+                    wav, chunk_frames=self.wavlm_chunk_frames, context_frames=self.wavlm_context_frames,
+                    extract=self._content_runner().extract_features)
             else:
-                features = self.wavlm.extract_features(wav)
+                features = self._content_runner().extract_features(wav)
         return features.float().transpose(1, 2)
 
     def speaker_vector(self, reference: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -179,7 +212,7 @@ class VoiceConverter:
                    generator: torch.Generator | None = None) -> np.ndarray:
         g = torch.from_numpy(speaker)[None].to(self.device)
         with torch.inference_mode(), self._autocast():
-            out = self.synthesizer.infer(content, g=g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
+            out = self._synthesis_runner().infer(content, g, noise_scale=0.0 if deterministic else 1.0, generator=generator)
         return out[0, 0].float().cpu().numpy()
 
     # -- the whole conversion ---------------------------------------------------------------------
@@ -228,5 +261,6 @@ class VoiceConverter:
             "synthetic_weights": self.synthetic_weights,
             "load_seconds": round(self.load_seconds, 3),
             "autocast_max_abs_diff": self.precision_gap,
+            "fast_paths": self.fast_paths,
             "speaker_cache": self.speaker_cache.stats(),
         }
