@@ -9,6 +9,7 @@ It lives beside the deployments, not in `lipserve/`, because it starts Ray.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -26,11 +27,22 @@ BANNER = "!" * 78
 
 
 
+def quiet_ray() -> None:
+    """Keep Ray's own messages that are not the demo user's concern out of the output."""
+    # Ray 2.60 turns token authentication on for a new local cluster and warns that it did so: it
+    # stays on, without the warning. (Not by setting RAY_AUTH_MODE here: ray, already imported, has
+    # read its mode, and the cluster it starts would then ask this driver for a token it never sends.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Serve's progress lines (started, connecting, app ready): the demo says what happened itself
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeout_s: float = 600) -> dict:
     """Returns {"status", "result" (the JSON answer), "wall_s" (HTTP round trip), "deploy_s"}."""
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     t0 = time.perf_counter()
+    quiet_ray()
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
@@ -45,7 +57,10 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
         return {"status": r.status_code, "result": r.json() if r.headers.get("content-type", "").startswith(
             "application/json") else {"text": r.text}, "wall_s": time.perf_counter() - t, "deploy_s": deploy_s}
     finally:
-        serve.shutdown()
+        # the app's replicas stop gracefully; then the whole local cluster goes with ray.shutdown().
+        # Not serve.shutdown(): its controller call only ends when the controller is killed, and Ray
+        # reports that as "(raylet) Task ServeController.graceful_shutdown failed ... killed by ray.kill"
+        serve.delete("lipserve")
         ray.shutdown()
 
 
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print("warnings:" + ("" if result["warnings"] else "      none"))
     for text in result["warnings"]:
         print(f"  - {text}")
+    print("try it in a browser: `serve run serve_config.local.yaml`, then http://127.0.0.1:8000/ (API docs: /docs)")
     print("=" * 78)
     if result["synthetic_weights"]:
         print(loud(["THE MODELS RAN ON SYNTHETIC WEIGHTS: the output is NOT meaningful.",

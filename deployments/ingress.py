@@ -6,26 +6,43 @@ as the one-process Pipeline (lipserve.pipeline.orchestrate) with the stages remo
 branch (face plan) runs beside the audio branch (TTS -> voice conversion), lip sync when both
 are ready, the output written atomically last.
 
+The routes take and return the models of lipserve/contract.py, so /openapi.json and /docs (served
+from the package, no CDN) show every field and each error status with its codes; a body that
+fails validation is answered with lipserve's own error body (400 invalid_field), never FastAPI's
+422. Jobs (POST /api/v1/jobs) run the same work in the background (deployments/jobs.py); GET /
+is a page to try it (lipserve/web).
+
 Overload: Serve's proxy answers 503 + Retry-After once this deployment's max_queued_requests is
 full (backpressure_config.retry_after_s). Inside, an admission gate bounds active and waiting
 requests and answers our JSON 503 (`overloaded`, Retry-After) before that, and a stage's own
 queue limit (BackPressureError) is answered the same way.
 """
 import asyncio
+import collections
 import hmac
-import json
 import logging
+import uuid
 from contextlib import asynccontextmanager
 
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Body, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from lipserve.contract import parse_request
+from lipserve import web
+from lipserve.contract import (
+    EXAMPLE_REQUEST,
+    JobStatus,
+    LipVideoRequest,
+    LipVideoResponse,
+    UploadResult,
+    error_responses,
+    invalid_field,
+)
 from lipserve.errors import (
     InternalError,
-    InvalidField,
+    JobNotFound,
     LipserveError,
     ModelNotLoaded,
     Overloaded,
@@ -33,15 +50,23 @@ from lipserve.errors import (
     Unavailable,
 )
 from lipserve.logs import configure_logging
-from lipserve.pipeline import new_request_id, orchestrate, stage_engines, with_timeout
+from lipserve.pipeline import new_request_id, orchestrate, preflight, stage_engines, with_timeout
 from lipserve.storage import Storage
 
 from .common import apply_log_level, error_code, put_bytes, replica_settings
+from .jobs import JobRunner, job_store
 from .metrics import stage_metrics
+from .webapp import app, read_at_most
 
 log = logging.getLogger("lipserve.ingress")
-
-app = FastAPI(title="lipserve", description="Selfie video + text -> the same person saying it.")
+# what the lip-video and job routes can answer besides success (each with its codes, in the schema)
+REQUEST_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 500, 502, 503, 504)
+EXAMPLE_BODY = Body(openapi_examples={"gcs": {"summary": "gs:// in, gs:// out", "value": EXAMPLE_REQUEST}})
+# (an example given as openapi_examples, also because a plain `example` does not survive Serve's
+# copy of the app: FastAPI's "unset" marker is compared by identity, and the copy prints it as {})
+MEDIA_URI = Query(..., description="gs:// or storage-root path of a media file",
+                  openapi_examples={"result": {"summary": "a result under the storage root",
+                                               "value": "results/0123abcd.mp4"}})
 
 STAGE_INFO_TIMEOUT_S = 15.0
 
@@ -83,26 +108,76 @@ def request_id_of(request: Request) -> str:
 
 
 class AdmissionGate:
-    """At most `active` requests run, at most `waiting` wait for a slot; the rest get 503 at once."""
+    """At most `active` requests run, at most `waiting` wait for a slot; the rest get 503 at once.
+
+    `reserve()` takes the place synchronously (a job takes it when it is accepted, before its
+    work starts); `async with` on the Admission waits for the slot, holds it, and gives it back."""
 
     def __init__(self, active: int, waiting: int):
         self.active, self.waiting_limit = max(1, int(active)), max(0, int(waiting))
-        self._slots = asyncio.Semaphore(self.active)
-        self.waiting = 0
+        self.running = 0
+        self._queue: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def reserve(self) -> "Admission":
+        if self.running < self.active and not self._queue:
+            self.running += 1
+            return Admission(self, None)
+        if len(self._queue) >= self.waiting_limit:
+            raise Overloaded(f"{self.active} requests running and {self.waiting} waiting; retry later")
+        turn = asyncio.get_running_loop().create_future()
+        self._queue.append(turn)
+        return Admission(self, turn)
 
     @asynccontextmanager
     async def slot(self):
-        if self._slots.locked() and self.waiting >= self.waiting_limit:
-            raise Overloaded(f"{self.active} requests running and {self.waiting} waiting; retry later")
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        try:
+        async with self.reserve():
             yield
-        finally:
-            self._slots.release()
+
+    def _release(self) -> None:
+        """A slot is free: hand it to the first still waiting, or give it back."""
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.running -= 1
+
+
+class Admission:
+    """One request's place at the gate: a slot (held) or a place in the queue (waiting for one)."""
+
+    def __init__(self, gate: AdmissionGate, turn: "asyncio.Future | None"):
+        self.gate, self.turn = gate, turn
+        self.held, self.closed = turn is None, False
+
+    async def __aenter__(self) -> "Admission":
+        if not self.held:
+            try:
+                await self.turn  # the releasing request hands its slot over
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            self.held = True
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the place back, once: the slot if held (or handed over but never taken), else the queue place."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.held or (self.turn is not None and self.turn.done() and not self.turn.cancelled()):
+            self.gate._release()
+        elif self.turn is not None:
+            self.turn.cancel()
+            if self.turn in self.gate._queue:
+                self.gate._queue.remove(self.turn)
 
 
 class RemoteStages:
@@ -144,6 +219,20 @@ def stage_status(stages: dict, ready: bool) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
 
 
+@app.exception_handler(RequestValidationError)
+async def answer_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body (or query) that fails the model: lipserve's 400 invalid_field naming the field, as
+    parse_request words it; an unauthorized caller still gets 401 first."""
+    ingress = serve.get_replica_context().servable_object
+    errors = exc.errors()
+    kind = tuple(errors[0].get("loc") or ())[:1]
+    try:
+        ingress.authorize(request)
+        raise invalid_field(errors, prefix=kind if kind and kind[0] in ("body", "query", "path") else ())
+    except LipserveError as err:
+        return ingress.refuse(err, request_id_of(request))
+
+
 @serve.deployment(
     name="Ingress",
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
@@ -172,6 +261,14 @@ class Ingress:
         self.stage_languages = None  # engine -> languages, asked of the speech stage once
         self.metrics = stage_metrics()
         self.stage_engines: dict[str, str] = {}
+        context = serve.get_replica_context()
+        self.jobs = JobRunner(job_store(context.app_name), owner=context.replica_id.unique_id)
+
+    async def __del__(self):
+        """Serve's graceful shutdown (redeploy, downscale): let this replica's jobs finish first;
+        Serve's graceful_shutdown_timeout_s bounds the wait, and what it cuts off is failed as
+        job_interrupted by the book once the replica stops reporting."""
+        await self.jobs.drain(self.settings.request_timeout_s)
 
     def configure(self, config: dict) -> None:
         self.settings = replica_settings(config.get("settings"))
@@ -198,6 +295,12 @@ class Ingress:
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    def refuse(self, exc: BaseException, request_id: str) -> JSONResponse:
+        """The error answer for a failed request, counted in the failure metric."""
+        err = to_lipserve_error(exc)
+        self.metrics.failed("request", err.code if err is not None else error_code(exc))
+        return error_response(exc, request_id)
 
     def refuse_unauthorized(self, request: Request) -> JSONResponse | None:
         """The 401 answer for a request without the configured token, else None."""
@@ -227,35 +330,136 @@ class Ingress:
 
     # ------------------------------------------------------------ routes
 
-    @app.post("/api/v1/lip-video")
-    @app.post("/api/v1/lip-video-optimized")
-    async def lip_video(self, request: Request):
+    @app.post("/api/v1/lip-video", response_model=LipVideoResponse, responses=REQUEST_ERRORS)
+    @app.post("/api/v1/lip-video-optimized", response_model=LipVideoResponse, responses=REQUEST_ERRORS,
+              description="The old server's name for the same route.")
+    async def lip_video(self, request: Request, lip_request: LipVideoRequest = EXAMPLE_BODY):
+        """Make the video and answer when it is written (see POST /api/v1/jobs for long work)."""
         request_id = request_id_of(request)
         try:
             self.authorize(request)
-            try:
-                payload = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InvalidField("the body must be a JSON object", field="body") from None
-            if not isinstance(payload, dict):
-                raise InvalidField("the body must be a JSON object", field="body")
-            lip_request = parse_request(payload)
             response = await with_timeout(self._run(lip_request, request_id), self.settings.request_timeout_s)
         except Exception as exc:
-            err = to_lipserve_error(exc)
-            self.metrics.failed("request", err.code if err is not None else error_code(exc))
-            return error_response(exc, request_id)
-        # the ingress's own steps and the whole request, beside the stages' own latencies
+            return self.refuse(exc, request_id)
+        self.observe(response)
+        return response
+
+    async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None):
+        async with (admission if admission is not None else self.gate.reserve()):
+            await self.stage_info()
+            return await orchestrate(lip_request, request_id, self.settings, self.storage, RemoteStages(self),
+                                     progress=progress, label="lipserve (serve)")
+
+    def observe(self, response: LipVideoResponse) -> None:
+        """The ingress's own steps and the whole request, beside the stages' own latencies."""
         for step in ("download", "upload", "first_frame", "total"):
             if step in response.step_times:
                 self.metrics.observe("request" if step == "total" else step, "ingress", response.step_times[step])
-        return JSONResponse(response.model_dump())
 
-    async def _run(self, lip_request, request_id):
-        async with self.gate.slot():
+    # ------------------------------------------------------------ jobs (deployments/jobs.py)
+
+    @app.post("/api/v1/jobs", status_code=202, response_model=JobStatus, responses=REQUEST_ERRORS)
+    async def submit_job(self, request: Request, lip_request: LipVideoRequest = EXAMPLE_BODY):
+        """Accept the same request as POST /api/v1/lip-video and answer 202 at once with the job's id
+        (also in Location). What can be refused without heavy work (the fields, language, locations,
+        an existing output, a full queue) is refused here with the route's error body."""
+        request_id = request_id_of(request)
+        try:
+            self.authorize(request)
             await self.stage_info()
-            return await orchestrate(lip_request, request_id, self.settings, self.storage, RemoteStages(self),
-                                     label="lipserve (serve)")
+            await asyncio.to_thread(preflight, lip_request, self.settings, self.storage, self.stage_languages)
+            admission = self.gate.reserve()
+        except Exception as exc:
+            return self.refuse(exc, request_id)
+        job_id = uuid.uuid4().hex
+        try:
+            status = await self.jobs.submit(
+                job_id, request_id, lambda progress: self._job_work(lip_request, request_id, admission, progress),
+                retention_s=self.settings.job_retention_s, lost_after_s=self.settings.job_lost_after_s)
+        except Exception as exc:
+            admission.close()
+            return self.refuse(exc, request_id)
+        return JSONResponse(status, status_code=202, headers={"Location": f"/api/v1/jobs/{job_id}"})
+
+    async def _job_work(self, lip_request, request_id, admission, progress) -> dict:
+        """A job's work: the synchronous route's, with its errors as named errors for the book."""
+        try:
+            response = await with_timeout(self._run(lip_request, request_id, admission, progress),
+                                          self.settings.request_timeout_s)
+        except Exception as exc:
+            err = to_lipserve_error(exc)
+            self.metrics.failed("request", err.code if err is not None else error_code(exc))
+            if err is None:
+                log.error("request %s failed", request_id, exc_info=exc)
+                err = InternalError(f"internal error; quote request id {request_id}")
+            raise err from None
+        finally:
+            admission.close()  # a job cancelled before its work began still gives its place back
+        self.observe(response)
+        return response.model_dump()
+
+    @app.get("/api/v1/jobs/{job_id}", response_model=JobStatus, responses=error_responses(401, 404, 503))
+    async def job_status(self, request: Request, job_id: str):
+        """queued, running (with the stage), done (`result`: the synchronous route's body) or failed
+        (`error`: its error body's member, and `http_status`). A finished job is readable for
+        job_retention_s; an unknown or expired id is 404 job_not_found."""
+        request_id = request_id_of(request)
+        try:
+            self.authorize(request)
+            status = await self.jobs.get(job_id, self.settings.job_lost_after_s, self.settings.job_retention_s)
+            if status is None:
+                raise JobNotFound(f"no job {job_id!r} (unknown, or finished more than "
+                                  f"{self.settings.job_retention_s:g} s ago)", field="job_id")
+        except Exception as exc:
+            return self.refuse(exc, request_id)
+        return JSONResponse(status)
+
+    # ------------------------------------------------------------ the try-it page's helpers (lipserve/web)
+
+    @app.post("/api/v1/uploads", status_code=201, response_model=UploadResult,
+              responses=error_responses(400, 401, 403, 413, 422, 502, 503),
+              openapi_extra={"requestBody": {"required": True, "description": "the video file's bytes",
+                                             "content": {"video/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload(self, request: Request):
+        """Store a source video under uploads/ in the storage root, with a generated name (X-Filename
+        may carry the original name, for its suffix). Held to the source limits: max_input_bytes, then
+        the video's duration and resolution. Give the answer's `uri` as user_video_gs."""
+        request_id = request_id_of(request)
+        try:
+            self.authorize(request)
+            web.check_upload_size(request.headers.get("content-length"), self.settings)
+            data = await read_at_most(request, self.settings.max_input_bytes)
+            result = await asyncio.to_thread(web.store_upload, data, request.headers.get("x-filename"),
+                                             self.settings, self.storage)
+        except Exception as exc:
+            return self.refuse(exc, request_id)
+        return JSONResponse(result.model_dump(), status_code=201)
+
+    @app.get("/api/v1/media", response_class=Response,
+             responses={200: {"description": "the file's bytes", "content": {"video/mp4": {}}},
+                        **error_responses(400, 401, 403, 404, 413, 502)})
+    async def media(self, request: Request, uri: str = MEDIA_URI):
+        """A result (or any media file the API may read: the storage root and the allowed buckets),
+        for playback in the page."""
+        request_id = request_id_of(request)
+        try:
+            self.authorize(request)
+            data, kind = await asyncio.to_thread(web.read_media, uri, self.settings, self.storage)
+        except Exception as exc:
+            return self.refuse(exc, request_id)
+        return Response(data, media_type=kind, headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/v1/languages", responses=error_responses(401, 503))
+    async def languages(self, request: Request):
+        """The TTS languages: per engine, and all of them (for tts_lang)."""
+        request_id = request_id_of(request)
+        try:
+            self.authorize(request)
+            await self.stage_info()
+        except Exception as exc:
+            return self.refuse(exc, request_id)
+        engines = self.stage_languages or {}
+        return JSONResponse({"engines": engines, "languages": sorted({c for codes in engines.values() for c in codes})})
 
     @app.get("/health")
     async def health(self, request: Request):

@@ -2,6 +2,7 @@
 
     lipserve run --video me.mp4 --text "Hello there" --out said.mp4   # the whole pipeline, one process, no Ray
     lipserve run --video me.mp4 --audio speech.wav --box 100 60 300 280 --out said.mp4   # own speech and face box
+    lipserve call --url http://host:8000 --video gs://b/me.mp4 --text "Hello there"   # a running server
     lipserve weights fetch|verify|list                                 # checkpoints (lipserve/weights/cli.py)
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from .errors import LipserveError
@@ -110,9 +112,69 @@ def print_warnings(warnings: list[str], stream=sys.stderr) -> None:
         print(f"warning: {text}", file=stream)
 
 
+def default_output(video: str) -> str:
+    """Beside a gs:// source (same bucket), else under results/ in the server's storage root."""
+    tag = uuid.uuid4().hex[:8]
+    if video.startswith("gs://"):
+        stem = video.rsplit(".", 1)[0] if "." in video.rsplit("/", 1)[-1] else video
+        return f"{stem}-said-{tag}.mp4"
+    return f"results/{Path(video).stem}-said-{tag}.mp4"
+
+
+def cmd_call(args) -> int:
+    from .client import LipserveHTTPError
+
+    try:
+        return call_server(args)
+    except LipserveHTTPError as exc:
+        print(f"error [{exc.status} {exc.code}]: {exc.message}"
+              + (f" (request {exc.request_id})" if exc.request_id else ""), file=sys.stderr)
+        return 1
+
+
+def call_server(args) -> int:
+    from .client import LipserveClient, RetryPolicy
+
+    token = args.token or os.environ.get("LIPSERVE_AUTH_TOKEN") or None
+    options = {"overwrite": True} if args.overwrite else {}
+    if args.face_mode:
+        options["face_mode"] = args.face_mode
+    retry = RetryPolicy(max_attempts=args.attempts)
+    with LipserveClient(args.url, token, timeout=args.timeout, retry=retry) as client:
+        video = args.video
+        if args.upload:
+            uploaded = client.upload(args.upload)
+            print(f"uploaded {args.upload} as {uploaded.uri} ({uploaded.bytes} bytes, {uploaded.duration_s:.2f}s)",
+                  file=sys.stderr)
+            video = uploaded.uri
+        out = args.out or default_output(video)
+        if args.job:
+            job = client.submit_job(args.text, video, out, args.lang, options)
+            print(f"job {job.job_id} accepted", file=sys.stderr, flush=True)
+            shown: set[tuple[str, str]] = set()
+
+            def show(status) -> None:
+                for stage, progress in status.stages.items():
+                    if (stage, progress.state) not in shown:
+                        shown.add((stage, progress.state))
+                        took = f" in {progress.seconds:.2f}s" if progress.seconds is not None else " ..."
+                        print(f"  {stage:<9} {progress.state}{took}", file=sys.stderr, flush=True)
+
+            response = client.wait_job(job.job_id, poll_s=args.poll, on_status=show)
+        else:
+            response = client.lip_video(args.text, video, out, args.lang, options)
+    if response.synthetic_weights:
+        print("!! SYNTHETIC WEIGHTS on the server: the output is NOT meaningful.", file=sys.stderr)
+    if args.json:
+        print(json.dumps(response.model_dump(), indent=2))
+    else:
+        print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s) in {response.step_times['total']:.2f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lipserve", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{run,weights}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,call,weights}")
 
     run = sub.add_parser("run", help="make one lip-synced video in this process (no Ray)")
     run.add_argument("--video", required=True, help="source selfie video (path or gs://)")
@@ -136,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the full response as JSON")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    call = sub.add_parser("call", help="ask a running lipserve server (HTTP) for one video")
+    call.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    source = call.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="source video as the server sees it: gs://bucket/object or a storage-root path")
+    source.add_argument("--upload", help="a local video file to upload first (into the server's storage root)")
+    call.add_argument("--text", required=True, help="what the person will say")
+    call.add_argument("--out", default=None, help="output location (default: beside a gs:// source, else results/)")
+    call.add_argument("--lang", default="en", help="TTS language code (default en)")
+    call.add_argument("--face-mode", choices=["auto", "static", "track"], default=None)
+    call.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    call.add_argument("--token", default=None, help="bearer token (default: $LIPSERVE_AUTH_TOKEN)")
+    call.add_argument("--job", action="store_true", help="run it as a job: submit, then poll with progress")
+    call.add_argument("--poll", type=float, default=1.0, help="seconds between job polls")
+    call.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout per call, seconds")
+    call.add_argument("--attempts", type=int, default=5, help="attempts on 503 / connection refused")
+    call.add_argument("--json", action="store_true", help="print the full response as JSON")
+    call.set_defaults(func=cmd_call)
 
     try:  # written separately; `lipserve run` must work without it
         from .weights.cli import register

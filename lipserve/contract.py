@@ -1,14 +1,31 @@
-"""The HTTP contract as pydantic models (see DESIGN.md)."""
+"""The HTTP contract as pydantic models (see DESIGN.md).
+
+These models are what the ingress's routes take and return, so /openapi.json and /docs show
+them as they are here: a field added here appears in the published schema with no other edit.
+Limits that come from settings (text length, input size, duration, resolution) are enforced at
+run time with their own 413 codes, so they are stated in the descriptions, not as schema bounds.
+"""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidField
+from .errors import InvalidField, all_error_classes
+
+# The request the published schema shows as its example (a test posts it to the real graph).
+EXAMPLE_REQUEST: dict[str, Any] = {
+    "word": "Hello! This video was made by lipserve.",
+    "user_video_gs": "gs://my-bucket/selfie.mp4",
+    "output_video_gs": "gs://my-bucket/selfie-says-hello.mp4",
+    "tts_lang": "en",
+    "options": {"face_mode": "track", "overwrite": False},
+}
 
 
 class FaceBox(BaseModel):
+    """A face box in source pixels: 0 <= x1 < x2, 0 <= y1 < y2."""
+
     model_config = ConfigDict(extra="forbid")
     x1: int
     y1: int
@@ -21,11 +38,16 @@ class RequestOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     face_mode: Literal["auto", "static", "track", "box"] | None = Field(
-        None, description="auto (default): one box for a still head, tracking for a moving one; static; track; box")
+        None, description="Face finding: auto (one box while the head is still, tracking when it moves), static "
+                          "(detect a few frames, keep one box), track (follow a moving face), box (use options.box). "
+                          "Default: the face_mode setting (auto).")
     box: FaceBox | None = Field(None, description="Face box in source pixels, for face_mode='box'.")
-    pads: tuple[int, int, int, int] | None = Field(None, description="top, bottom, left, right")
-    resize_factor: int | None = Field(None, ge=1, le=8)
-    overwrite: bool = False
+    pads: tuple[int, int, int, int] | None = Field(
+        None, description="Face crop padding in pixels: top, bottom, left, right; each 0..512. Default: the pads setting.")
+    resize_factor: int | None = Field(None, ge=1, le=8, description="Downscale the source by this factor before lip "
+                                                                  "sync. Default: the resize_factor setting.")
+    overwrite: bool = Field(False, description="Replace output_video_gs if it exists; otherwise an existing output "
+                                               "is 409 output_exists.")
     tts_engine: str = Field("auto", description="auto, piper, espeak or gtts")
     reference_audio: str | None = Field(None, description="gs:// or local path of a separate voice reference")
     audio: str | None = Field(None, description="gs:// or local path of the speech to say, instead of text-to-speech "
@@ -43,12 +65,23 @@ class RequestOptions(BaseModel):
 
 
 class LipVideoRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    word: str = Field(..., description="What the person will say")
-    user_video_gs: str = Field(..., min_length=1)
-    output_video_gs: str = Field(..., min_length=1)
-    tts_lang: str = Field("en", min_length=1, max_length=16)
-    options: RequestOptions = Field(default_factory=RequestOptions)
+    """One lip-sync request. Locations are gs://bucket/object (bucket on the allow-list) or a path
+    under the server's storage root."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
+    word: str = Field(..., description="What the person will say: a word or a sentence, 1..max_text_chars "
+                                       "characters (setting, default 500; more is 413 text_too_long), whose speech "
+                                       "lasts at most max_speech_seconds (default 30 s). May be empty when "
+                                       "options.audio gives the speech.")
+    user_video_gs: str = Field(..., min_length=1, description=(
+        "The source selfie video: gs://bucket/object or a path under the storage root. At most max_input_bytes "
+        "(default 100 MiB; 413 input_too_large), max_video_seconds (default 60 s; 413 video_too_long) and "
+        "max_resolution pixels (default 1920x1080; 413 resolution_too_large)."))
+    output_video_gs: str = Field(..., min_length=1, description="Where the mp4 goes (same forms); written only when "
+                                                                "the whole request succeeded.")
+    tts_lang: str = Field("en", min_length=1, max_length=16, description="Language code for the speech (en, ko, ...; "
+                                                                        "GET /api/v1/languages lists them).")
+    options: RequestOptions = Field(default_factory=RequestOptions, description="Per-request knobs; all optional.")
 
 
 class LipVideoResponse(BaseModel):
@@ -66,11 +99,111 @@ class LipVideoResponse(BaseModel):
     voice_similarity: float | None = Field(None, description="cosine between the speaker embeddings of the voice reference and of the converted speech (speaker encoder of the voice stage); higher = closer to the user's voice")
 
 
+# ---------------------------------------------------------------- errors, as the schema shows them
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable error code (lipserve/errors.py); never renamed")
+    message: str = Field(description="What went wrong, for a person")
+    request_id: str | None = Field(None, description="The X-Request-ID of the request; quote it when reporting")
+    field: str | None = Field(None, description="The request field at fault, when there is one")
+
+
+class ErrorBody(BaseModel):
+    """Every failure: this body, with the HTTP status of the error (and Retry-After on 503)."""
+
+    error: ErrorDetail
+
+
+def error_codes(status: int) -> list[str]:
+    """Every error code answered with this HTTP status."""
+    return sorted({cls.code for cls in all_error_classes() if cls.status == status and cls.code != "internal"}
+                  | ({"internal"} if status == 500 else set()))
+
+
+_STATUS_MEANING = {
+    400: "The request is wrong (a field, the language, a URI)",
+    401: "Missing or wrong bearer token",
+    403: "A bucket off the allow-list, or a path outside the storage root",
+    404: "Not found",
+    409: "The output exists and options.overwrite is off",
+    413: "Over a configured limit (bytes, duration, resolution, text)",
+    422: "The content cannot be used (no face, no voice, not a video)",
+    500: "A bug; quote the request_id",
+    502: "A storage or TTS backend failed",
+    503: "Overloaded, or a stage not ready; retry after Retry-After seconds",
+    504: "The request did not finish within request_timeout_s",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """FastAPI `responses=` entries: each status with the error body and the codes it can carry."""
+    out = {}
+    for status in statuses:
+        codes = error_codes(status)
+        entry = {"model": ErrorBody,
+                 "description": f"{_STATUS_MEANING.get(status, 'Error')}. codes: {', '.join(codes)}"}
+        if status == 503:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                                "schema": {"type": "integer"}}}
+        out[status] = entry
+    return out
+
+
+# ---------------------------------------------------------------- jobs (POST /api/v1/jobs)
+
+JobState = Literal["queued", "running", "done", "failed"]
+
+
+class StageProgress(BaseModel):
+    state: Literal["running", "done", "stopped"] = Field(description="stopped: cut short when the job failed")
+    seconds: float | None = Field(None, description="How long the stage took, once done")
+
+
+class JobStatus(BaseModel):
+    """A job's state. `result` is the synchronous route's body once done; `error` its error body's
+    `error` member once failed (with the status that route would have answered)."""
+
+    job_id: str
+    status: JobState
+    stage: str | None = Field(None, description="The stage that started last and is still running")
+    stages: dict[str, StageProgress] = Field(default_factory=dict, description="Every stage met so far")
+    request_id: str | None = None
+    created_at: float = Field(description="unix seconds")
+    updated_at: float = Field(description="unix seconds")
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="unix seconds after which a finished job is forgotten (404)")
+    result: LipVideoResponse | None = None
+    error: ErrorDetail | None = None
+    http_status: int | None = Field(None, description="The status the synchronous route would have answered")
+
+
+class UploadResult(BaseModel):
+    """A source video stored under the storage root (POST /api/v1/uploads)."""
+
+    uri: str = Field(description="Give this as user_video_gs")
+    bytes: int
+    duration_s: float
+    width: int
+    height: int
+
+
+def invalid_field(errors: list[dict], prefix: tuple = ()) -> InvalidField:
+    """The InvalidField for pydantic's errors: the first one, naming its field (`prefix` is stripped
+    from its location, e.g. FastAPI's ("body",)). A body that is not JSON, or not an object, or
+    missing, has one message of its own."""
+    first = errors[0]
+    loc = tuple(first.get("loc") or ())
+    if loc[:len(prefix)] == prefix:
+        loc = loc[len(prefix):]
+    if first.get("type") == "json_invalid" or not loc:
+        return InvalidField("the body must be a JSON object", field="body")
+    field = ".".join(str(p) for p in loc)
+    return InvalidField(f"{field}: {first['msg']}", field=field)
+
+
 def parse_request(payload: dict) -> LipVideoRequest:
     """Validate a request body; the error names the field and the rule that failed."""
     try:
         return LipVideoRequest.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidField(f"{field}: {first['msg']}", field=field) from None
+        raise invalid_field(exc.errors()) from None

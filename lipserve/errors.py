@@ -68,6 +68,12 @@ class SourceNotFound(LipserveError):
     status, code = 404, "source_not_found"
 
 
+class JobNotFound(LipserveError):
+    """No such job, or it finished longer ago than job_retention_s."""
+
+    status, code = 404, "job_not_found"
+
+
 class OutputExists(LipserveError):
     status, code = 409, "output_exists"
 
@@ -158,6 +164,12 @@ class WeightsMissing(Unavailable):
 
     code = "weights_missing"
     retry_after = 60
+
+
+class JobInterrupted(Unavailable):
+    """The ingress replica running a job went away before the job finished; submit it again."""
+
+    code = "job_interrupted"
 
 
 # 504 / 500

@@ -106,7 +106,9 @@ class Settings(BaseSettings):
 
     # serving
     auth_token: str | None = Field(None, description="When set, requests need `Authorization: Bearer <token>`.")
-    request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress.")
+    request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress (a job's work too).")
+    job_retention_s: float = Field(3600.0, description="How long a finished job's result (or error) stays readable at GET /api/v1/jobs/{id}.")
+    job_lost_after_s: float = Field(30.0, description="A queued or running job whose ingress replica has not reported for this long is failed with `job_interrupted`.")
 
     @field_validator("fast_cache_dir", mode="before")
     @classmethod

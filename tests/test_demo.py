@@ -22,6 +22,10 @@ def test_demo_makes_a_playable_video_and_says_the_weights_are_synthetic(tmp_path
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # only lipserve's own lines: none of Ray's warnings, progress or shutdown messages
+    for noise in ("Token authentication", "(raylet)", "graceful_shutdown", "Started Serve", "is ready at",
+                  "Traceback", "WARNING", "ERROR"):
+        assert noise not in run.stdout + run.stderr, (noise, run.stdout[-2000:], run.stderr[-2000:])
     assert "SYNTHETIC WEIGHTS" in run.stdout and "NOT meaningful" in run.stdout
     warnings = run.stdout.split("warnings:", 1)[1]  # the response's warnings, printed
     assert "Haar cascade" in warnings and "SYNTHETIC" in warnings

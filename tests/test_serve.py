@@ -6,7 +6,9 @@ the GCS emulator is the storage. Every test talks to it over HTTP on 127.0.0.1.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import json
 import os
 import re
 import subprocess
@@ -32,6 +34,7 @@ REQUEST_TIMEOUT_S = 150.0
 CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 30
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JOB_LOST_AFTER_S = 10.0
 
 
 def _merge_user_config(config_path: Path, name: str, extra: dict) -> dict:
@@ -65,6 +68,7 @@ def served(ray_local, gcs_server, gcs_client, make_bucket, tmp_path_factory):
         "LIPSERVE_TORCH_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "LIPSERVE_AUTH_TOKEN": TOKEN,
+        "LIPSERVE_JOB_LOST_AFTER_S": str(JOB_LOST_AFTER_S),
     }
     one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}}
     overrides = {
@@ -356,3 +360,327 @@ def test_serve_build_reproduces_the_config_shape(tmp_path):
         assert set(built_d) <= set(ours_d), (name, set(built_d) - set(ours_d))
     assert our_deps["VoiceConverter"]["ray_actor_options"]["num_gpus"] == 0.5
     assert our_deps["LipSyncer"]["ray_actor_options"]["num_gpus"] == 1
+
+
+# ---------------------------------------------------------------- the contract in the schema (issue 14)
+
+def test_served_schema_is_the_one_the_code_publishes(served):
+    """tests/test_serve_units.py checks that schema against the models; here: it is what is served,
+    with /docs rendering it from the package (the browser test looks at it)."""
+    from deployments.ingress import app
+
+    r = httpx.get(f"http://127.0.0.1:{served['port']}/openapi.json", timeout=30)  # public, like /docs
+    assert r.status_code == 200, r.text
+    assert r.json() == json.loads(json.dumps(app.openapi()))
+    docs = httpx.get(f"http://127.0.0.1:{served['port']}/docs", timeout=30)
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
+
+
+def test_published_example_request_is_accepted(served):
+    """The example /docs shows, sent as published (only the bucket is the test's own)."""
+    spec = httpx.get(f"http://127.0.0.1:{served['port']}/openapi.json", timeout=30).json()
+    example = spec["components"]["schemas"]["LipVideoRequest"]["examples"][0]
+    bucket_of = lambda uri: uri[len("gs://"):].split("/", 1)[0]  # noqa: E731
+    assert bucket_of(example["user_video_gs"]) == bucket_of(example["output_video_gs"])
+    body = json.loads(json.dumps(example).replace(f"gs://{bucket_of(example['user_video_gs'])}/",
+                                                  f"gs://{served['bucket']}/"))
+    source = body["user_video_gs"][len(f"gs://{served['bucket']}/"):]
+    served["gcs"].bucket(served["bucket"]).blob(source).upload_from_string(
+        served["gcs"].bucket(served["bucket"]).blob("src.mp4").download_as_bytes())
+    r = served["client"].post("/api/v1/lip-video", json=body)
+    assert r.status_code == 200, r.text
+    assert _exists(served, r.json()["output_video_gs"])
+
+
+def test_invalid_bodies_get_lipserves_error_body_not_fastapis(served):
+    url = f"http://127.0.0.1:{served['port']}"
+    good = _body(served["bucket"], "exists.mp4")  # a valid body that pre-flight refuses (409) on every route
+    cases = [  # (content, headers, status, code, field, message)
+        (b"{not json", {"content-type": "application/json"}, 400, "invalid_field", "body", "the body must be a JSON object"),
+        (b"", {"content-type": "application/json"}, 400, "invalid_field", "body", "the body must be a JSON object"),
+        (b'["a", "list"]', {"content-type": "application/json"}, 400, "invalid_field", "body", None),
+        (json.dumps({k: v for k, v in good.items() if k != "output_video_gs"}).encode(), {}, 400, "invalid_field",
+         "output_video_gs", "output_video_gs: Field required"),
+        (json.dumps({**good, "colour": "red"}).encode(), {}, 400, "invalid_field", "colour", None),
+        (json.dumps({**good, "options": {"pads": [0, -1, 0, 0]}}).encode(), {}, 400, "invalid_field", "options.pads", None),
+        # the body was always read as JSON whatever the Content-Type; it still is (it gets as far as pre-flight)
+        (json.dumps(good).encode(), {"content-type": "application/x-www-form-urlencoded"}, 409, "output_exists", None, None),
+        (json.dumps(good).encode(), {"content-type": "text/plain"}, 409, "output_exists", None, None),
+    ]
+    for path in ("/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"):
+        for content, headers, status, code, field, message in cases:
+            r = httpx.post(url + path, content=content, headers={**AUTH, **headers}, timeout=60)
+            assert r.status_code == status, (path, content[:40], r.text)
+            err = r.json()["error"]
+            assert err["code"] == code and err["request_id"] == r.headers["x-request-id"], (path, err)
+            assert field is None or err["field"] == field, (path, err)
+            assert message is None or err["message"] == message, (path, err)
+        # the token is checked before the body: a caller without it learns nothing about the body
+        r = httpx.post(url + path, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+
+
+# ---------------------------------------------------------------- the client and jobs (issue 14)
+
+LONG_WORDS = "This sentence is long on purpose, so the job runs longer than the timeout."
+
+
+def _long_job(served, name: str):
+    """A job whose work outlasts a 5 s client timeout on this CPU box: a source seen for the first
+    time (no cached faces or speaker) and a long sentence."""
+    from lipserve.client import LipserveClient
+
+    clip = testmedia.astronaut_clip(seconds=5.0, fps=25, size=(320, 240), audio="speechlike")
+    served["gcs"].bucket(served["bucket"]).blob(f"{name}.mp4").upload_from_string(clip)
+    client = LipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=5.0)
+    job = client.submit_job(LONG_WORDS, f"gs://{served['bucket']}/{name}.mp4",
+                            f"gs://{served['bucket']}/out/{name}.mp4", "en", {"face_mode": "track"})
+    return client, job
+
+
+def test_a_job_outlives_a_5s_client_timeout_and_is_fetched_afterwards(served):
+    from lipserve.client import AsyncLipserveClient
+
+    client, job = _long_job(served, "job-long")
+    assert job.status == "queued" and len(job.job_id) == 32
+    seen = []
+    with client:  # every call below has the same 5 s timeout: none waits for the work
+        result = client.wait_job(job.job_id, poll_s=0.5, timeout_s=400,
+                                 on_status=lambda s: seen.append((s.status, s.stage)))
+    assert result.step_times["total"] > 5.0, "premise: the work outlasted the client's timeout"
+    assert any(status == "running" and stage in STAGES for status, stage in seen), seen
+    assert result.synthetic_weights and _exists(served, result.output_video_gs)
+
+    async def fetch_again():
+        async with AsyncLipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=5.0) as again:
+            return await again.job(job.job_id)
+
+    later = asyncio.run(fetch_again())
+    assert later.status == "done" and later.result == result
+    assert later.expires_at > later.finished_at and set(later.stages) >= {"tts", "voice", "faces", "lipsync"}
+    assert all(p.state == "done" for p in later.stages.values())
+    served["results"]["job"] = later
+
+
+def test_a_failing_job_ends_with_the_routes_error_body(served):
+    from lipserve.client import LipserveClient, LipserveHTTPError
+
+    with LipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=30) as client:
+        job = client.submit_job("No voice here.", f"gs://{served['bucket']}/silent.mp4",
+                                f"gs://{served['bucket']}/out/job-silent.mp4")
+        with pytest.raises(LipserveHTTPError) as info:
+            client.wait_job(job.job_id, poll_s=0.5, timeout_s=300)
+        assert (info.value.status, info.value.code) == (422, "no_voice_found")
+        failed = client.job(job.job_id)
+        assert failed.status == "failed" and failed.http_status == 422 and failed.error.request_id
+        # refused before any work: the same statuses as the synchronous route, and no job
+        with pytest.raises(LipserveHTTPError) as info:
+            client.submit_job("Hi.", f"gs://{served['bucket']}/src.mp4", f"gs://{served['bucket']}/exists.mp4")
+        assert (info.value.status, info.value.code) == (409, "output_exists")
+        with pytest.raises(LipserveHTTPError) as info:
+            client.job("0" * 32)
+        assert (info.value.status, info.value.code) == (404, "job_not_found")
+    assert not _exists(served, f"gs://{served['bucket']}/out/job-silent.mp4")
+
+
+def test_lipserve_call_uses_the_client_on_the_synchronous_route(served):
+    """`lipserve call` (LipserveClient.lip_video; the job methods are tested above)."""
+    from lipserve.client import LipserveClient
+
+    with LipserveClient(f"http://127.0.0.1:{served['port']}", token=TOKEN, timeout=30) as client:
+        assert "en" in client.languages()["languages"] and client.health()["status"] == "ok"
+    cli = [str(Path(sys.executable).with_name("lipserve")), "call", "--url", f"http://127.0.0.1:{served['port']}"]
+    run = subprocess.run([*cli, "--token", TOKEN, "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Good night.",
+                          "--out", f"gs://{served['bucket']}/out/cli.mp4", "--json"],
+                         capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answer = json.loads(run.stdout)
+    assert answer["output_video_gs"] == f"gs://{served['bucket']}/out/cli.mp4" and "SYNTHETIC" in run.stderr
+    assert _exists(served, answer["output_video_gs"])
+    run = subprocess.run([*cli, "--token", "wrong", "--video", f"gs://{served['bucket']}/src.mp4", "--text", "Hi."],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "401 unauthorized" in run.stderr
+
+
+# ---------------------------------------------------------------- the page and its routes (issue 14)
+
+def test_upload_and_media_routes_keep_to_the_limits_and_the_storage(served):
+    url = f"http://127.0.0.1:{served['port']}"
+    clip = served["gcs"].bucket(served["bucket"]).blob("src.mp4").download_as_bytes()
+    r = httpx.post(url + "/api/v1/uploads", content=clip, headers={**AUTH, "X-Filename": "me.mp4"}, timeout=60)
+    assert r.status_code == 201, r.text
+    uri = r.json()["uri"]
+    assert uri.startswith("uploads/") and (served["root"] / uri).read_bytes() == clip
+    r = httpx.get(url + "/api/v1/media", params={"uri": uri}, headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.content == clip and r.headers["content-type"] == "video/mp4"
+    refusals = [
+        # sent chunked (no Content-Length), so the limit is met while reading: every byte is read before
+        # the 413, which the client then always gets (a declared size over the limit is refused before
+        # reading; tests/test_web.py checks that rule)
+        ("post", "/api/v1/uploads", {"content": iter([b"x" * (MAX_INPUT_BYTES // 3)] * 3 + [b"x" * 1024])}, AUTH,
+         413, "input_too_large"),
+        ("post", "/api/v1/uploads", {"content": b"not a video" * 100}, AUTH, 422, "invalid_video"),
+        ("post", "/api/v1/uploads", {"content": clip}, {}, 401, "unauthorized"),
+        ("get", "/api/v1/media", {"params": {"uri": uri}}, {}, 401, "unauthorized"),
+        ("get", "/api/v1/media", {"params": {"uri": "../outside.mp4"}}, AUTH, 403, "path_outside_root"),
+        ("get", "/api/v1/media", {"params": {"uri": f"gs://{served['other']}/src.mp4"}}, AUTH, 403, "bucket_not_allowed"),
+        ("get", "/api/v1/media", {"params": {"uri": "notes.txt"}}, AUTH, 400, "invalid_uri"),
+        ("get", "/api/v1/media", {}, AUTH, 400, "invalid_field"),
+    ]
+    for method, path, kwargs, headers, status, code in refusals:
+        r = getattr(httpx, method)(url + path, headers=headers, timeout=60, **kwargs)
+        assert r.status_code == status and r.json()["error"]["code"] == code, (path, r.status_code, r.text[:200])
+    assert sorted(p.name for p in (served["root"] / "uploads").iterdir()) == [Path(uri).name]
+
+
+def _chromium(window=(1280, 1000)):
+    """Debian's chromium through chromium-driver (.ci/run installs both), headless, with the flags
+    this machine's closed network needs."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
+    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (as .ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+                 f"--window-size={window[0]},{window[1]}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def _wait_for(driver, script: str, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
+def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
+    """Headless Chromium: load the page, pick a local file, go, watch the stages, play the result;
+    then the /docs page's request schema. Screenshots go to $LIPSERVE_SCREENSHOTS (else tmp)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    shots = Path(os.environ.get("LIPSERVE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    local_clip = tmp_path / "my selfie.mp4"
+    local_clip.write_bytes(served["gcs"].bucket(served["bucket"]).blob("src.mp4").download_as_bytes())
+    base = f"http://127.0.0.1:{served['port']}"
+    driver = _chromium()
+    try:
+        driver.get(base + "/")
+        assert driver.title.startswith("lipserve")
+        driver.find_element(By.ID, "token").send_keys(TOKEN + Keys.TAB)  # 'change' reloads the languages
+        _wait_for(driver, "return document.getElementById('lang').dataset.loaded === 'yes'", 60, "the language list")
+        assert "en" in [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#lang option")]
+        driver.find_element(By.ID, "file").send_keys(str(local_clip))
+        word = driver.find_element(By.ID, "word")
+        word.clear()
+        word.send_keys("Hello from the browser.")
+        driver.find_element(By.ID, "go").click()
+        _wait_for(driver, "return document.querySelector('#steps tr[data-stage=tts][data-state=running],"
+                          "#steps tr[data-stage=tts][data-state=done]')", 120, "the tts stage to show")
+        state = _wait_for(driver, "const s = document.getElementById('status').dataset.state;"
+                                  "return s === 'done' || s === 'failed' ? s : null", 400, "the job to finish")
+        status_text = driver.find_element(By.ID, "status").text
+        assert state == "done", status_text
+        video = _wait_for(driver, "const v = document.getElementById('result');"
+                                  "return v.readyState >= 2 ? {ready: v.readyState, duration: v.duration,"
+                                  " src: v.currentSrc, width: v.videoWidth, error: v.error && v.error.code} : null",
+                          60, "the video to load")
+        assert video["src"].startswith("blob:") and video["error"] is None and video["width"] == 320, video
+        assert 0.5 < video["duration"] < MAX_VIDEO_S, video
+        played = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1]; const v = document.getElementById('result');"
+            "v.muted = true; v.play().then(() => setTimeout(() => { v.pause(); done(v.currentTime); }, 700),"
+            " (e) => done('play failed: ' + e));")
+        assert isinstance(played, (int, float)) and played > 0, played
+        driver.execute_script("document.getElementById('result').currentTime = 0.5")
+        time.sleep(0.5)
+        stages = {row.get_attribute("data-stage"): row.get_attribute("data-state")
+                  for row in driver.find_elements(By.CSS_SELECTOR, "#steps tr")}
+        assert all(stages[s] == "done" for s in ("send", "download", "tts", "faces", "voice", "lipsync", "upload")), stages
+        assert "SYNTHETIC" in driver.find_element(By.ID, "synthetic").text
+        driver.save_screenshot(str(shots / "page-done.png"))
+        uploads = list((served["root"] / "uploads").iterdir())
+        assert uploads and all("selfie" not in p.name for p in uploads)  # generated names only
+
+        driver.get(base + "/docs")
+        _wait_for(driver, "return document.querySelector('#operations-default-lip_video_api_v1_lip_video_post')",
+                  60, "Swagger UI to render (from the package, no CDN)")
+        driver.find_element(By.CSS_SELECTOR, "#operations-default-lip_video_api_v1_lip_video_post .opblock-summary").click()
+        _wait_for(driver, "return document.querySelector('.opblock-body .model-example')", 30, "the request body")
+        schema_tab = driver.find_elements(By.XPATH, "//div[contains(@class,'opblock-body')]//button[normalize-space()='Schema']")
+        assert schema_tab, "no Schema tab for the request body"
+        schema_tab[0].click()
+        _wait_for(driver, "return document.querySelector('.opblock-body .model-box')", 30, "the request schema")
+        # the model's "Collapse all" then "Expand all": every field with its description and limits
+        for _ in range(2):
+            driver.find_elements(By.CSS_SELECTOR, ".opblock-body .json-schema-2020-12-expand-deep-button")[0].click()
+            time.sleep(0.3)
+        body_text = driver.find_element(By.CSS_SELECTOR, ".opblock-body").text
+        for field in ("word", "user_video_gs", "output_video_gs", "tts_lang", "options", "face_mode",
+                      "max_text_chars", "413 input_too_large", "[1, 16] characters"):
+            assert field in body_text, field
+        driver.set_window_size(1280, 1700)
+        driver.execute_script("document.querySelector('.opblock-section-request-body').scrollIntoView({block: 'start'})")
+        time.sleep(0.5)
+        driver.save_screenshot(str(shots / "docs-request-schema.png"))
+    finally:
+        driver.quit()
+
+
+# ---------------------------------------------------------------- last: it restarts the ingress
+
+def _ingress_replica_actors():
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::lipserve#Ingress#")]
+
+
+def test_jobs_survive_an_ingress_replica_restart(served):
+    """A finished job is still readable through the replacement replica; a job that was running in
+    the killed replica ends as failed with job_interrupted (503) instead of 'running' forever."""
+    import ray
+
+    finished = served["results"].get("job")
+    assert finished is not None, "runs after test_a_job_outlives_a_5s_client_timeout_and_is_fetched_afterwards"
+    client, running = _long_job(served, "job-killed")
+    with client:
+        _wait_for_job(client, running.job_id, lambda s: s.status == "running" and s.stage is not None, 120)
+        (replica,) = _ingress_replica_actors()
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            replicas = _ingress_replica_actors()
+            if replicas and replicas[0]["name"] != replica["name"]:
+                try:
+                    if served["client"].get("/health", timeout=10).status_code == 200:
+                        break
+                except httpx.HTTPError:  # the proxy may drop a connection while the replica changes
+                    pass
+            time.sleep(1)
+        else:
+            raise AssertionError("no new ingress replica within 180 s")
+        again = client.job(finished.job_id)
+        assert again.status == "done" and again.result == finished.result
+        lost = _wait_for_job(client, running.job_id, lambda s: s.status != "running", JOB_LOST_AFTER_S + 60)
+    assert lost.status == "failed" and lost.http_status == 503 and lost.error.code == "job_interrupted", lost
+    assert not _exists(served, f"gs://{served['bucket']}/out/job-killed.mp4")
+
+
+def _wait_for_job(client, job_id: str, condition, timeout_s: float):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.job(job_id)
+        if condition(status):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: condition not met within {timeout_s:g}s (last: {status.status} {status.stage})")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from deployments import ingress
+from lipserve.contract import EXAMPLE_REQUEST
 from lipserve.errors import NoFaceFound, Overloaded, Timeout
 from lipserve.pipeline import gather_or_cancel, with_timeout
 
@@ -55,6 +57,35 @@ def test_admission_gate_refuses_beyond_active_plus_waiting():
     refused_early, outcomes = asyncio.run(scenario())
     assert len(refused_early) == 2  # one running, one waiting, two refused at once
     assert sorted(o[0] for o in outcomes) == ["ran", "ran", "refused", "refused"]
+
+
+def test_a_reserved_place_is_held_until_used_or_given_back():
+    """Jobs reserve their place when accepted: the gate counts it at once; a place given back
+    (cancelled before or while waiting, or handed a slot it never took) frees it for the next."""
+    async def scenario():
+        gate = ingress.AdmissionGate(active=1, waiting=1)
+        running = gate.reserve()            # takes the slot at once
+        queued = gate.reserve()             # takes the one waiting place
+        with pytest.raises(Overloaded):
+            gate.reserve()
+        queued.close()                      # a job cancelled before its work began
+        again = gate.reserve()              # its place is free again
+        waiter = asyncio.create_task(again.__aenter__())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()            # waits for the slot
+        waiter.cancel()                     # cancelled while waiting (e.g. its timeout)
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert gate.waiting == 0 and gate.running == 1
+        handed = gate.reserve()
+        running.close()                     # the slot is handed to `handed` ...
+        assert gate.running == 1 and gate.waiting == 0
+        handed.close()                      # ... which gives it back without ever using it
+        assert gate.running == 0
+        async with gate.slot():
+            assert gate.running == 1
+        return gate.running
+
+    assert asyncio.run(scenario()) == 0
 
 
 def test_whole_request_timeout_is_504():
@@ -244,3 +275,43 @@ def test_a_user_config_that_changes_settings_does_not_load_the_models_twice(monk
     replica.reconfigure(user_config)  # what Serve calls right after the constructor
     assert len(builds) == 1
     assert replica.describe_stage()["replica_id"] == "r1"
+
+
+def test_openapi_schema_is_the_contract_models():
+    """/openapi.json (what /docs renders) shows the models of lipserve/contract.py as they are,
+    every error status with its codes, the example, and never FastAPI's own 422 shape."""
+    from lipserve.contract import ErrorBody, JobStatus, LipVideoRequest, LipVideoResponse, error_codes
+
+    spec = ingress.app.openapi()
+    schemas = spec["components"]["schemas"]
+    ref = "#/components/schemas/{model}"
+    for model, mode in ((LipVideoRequest, "validation"), (LipVideoResponse, "serialization"),
+                        (ErrorBody, "serialization"), (JobStatus, "serialization")):
+        ours = model.model_json_schema(ref_template=ref, mode=mode)["properties"]
+        published = schemas[model.__name__]["properties"]
+        if mode == "serialization":  # FastAPI leaves defaults out of what it answers
+            ours = {name: {k: v for k, v in field.items() if k != "default"} for name, field in ours.items()}
+        assert published == ours, model.__name__
+        published = schemas[model.__name__]
+        assert set(published.get("required", [])) == set(model.model_json_schema(mode=mode).get("required", []))
+    request = schemas["LipVideoRequest"]
+    assert request["additionalProperties"] is False and request["examples"] == [EXAMPLE_REQUEST]
+    assert schemas["RequestOptions"]["properties"]["resize_factor"]["anyOf"][0] == {"type": "integer", "minimum": 1,
+                                                                                   "maximum": 8}
+    assert all(field.get("description") for field in request["properties"].values())
+    assert "HTTPValidationError" not in json.dumps(spec)  # validation failures are our 400, never FastAPI's 422
+    for path in ("/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"):
+        op = spec["paths"][path]["post"]
+        body = op["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == ref.format(model="LipVideoRequest")
+        assert body["examples"]["gcs"]["value"] == EXAMPLE_REQUEST
+        success, model = ("202", "JobStatus") if path == "/api/v1/jobs" else ("200", "LipVideoResponse")
+        assert op["responses"][success]["content"]["application/json"]["schema"]["$ref"] == ref.format(model=model)
+        for status in (400, 401, 403, 404, 409, 413, 422, 500, 502, 503, 504):
+            answer = op["responses"][str(status)]
+            assert answer["content"]["application/json"]["schema"]["$ref"] == ref.format(model="ErrorBody")
+            assert all(code in answer["description"] for code in error_codes(status)), (path, status)
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+    assert {"/api/v1/jobs/{job_id}", "/api/v1/uploads", "/api/v1/media", "/api/v1/languages", "/health",
+            "/api/v1/models", "/api/v1/preload-models"} == set(spec["paths"]) - {
+                "/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"}
