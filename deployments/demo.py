@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
-import ray
 from ray import serve
+
+from .local_ray import LocalRay
 
 ROOT = Path(__file__).resolve().parents[1]
 # what each stage loads; any one missing means that stage runs synthetic
@@ -31,7 +32,8 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cluster = LocalRay().start()  # every core of this machine; stopped (and waited for) below
+    print(f"local Ray started in {cluster.start_s:.1f}s (temp dir {cluster.temp_dir})", flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
         serve.run(build_app(LOCAL_CONFIG, env=env), name="lipserve", route_prefix="/")
@@ -45,8 +47,10 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
         return {"status": r.status_code, "result": r.json() if r.headers.get("content-type", "").startswith(
             "application/json") else {"text": r.text}, "wall_s": time.perf_counter() - t, "deploy_s": deploy_s}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            cluster.stop()
 
 
 def loud(lines: list[str]) -> str:
