@@ -85,7 +85,7 @@ def test_first_branch_failure_cancels_the_other():
     assert asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.local.yaml"])
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.local.yaml", "serve_config.single-gpu.yaml"])
 def test_serve_configs_are_valid_and_bind(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
@@ -107,6 +107,8 @@ def test_serve_configs_are_valid_and_bind(name):
         ingress_cfg = options["Ingress"]
         gate = ingress_cfg["user_config"]["max_active"] + ingress_cfg["user_config"]["max_waiting"]
         assert gate < ingress_cfg["max_ongoing_requests"]  # our JSON 503 comes before Serve's queue
+    elif name == "serve_config.single-gpu.yaml":
+        assert gpus == {"Ingress": 0, "SpeechSynthesizer": 0, "VoiceConverter": 0.5, "LipSyncer": 0.5}
     else:
         assert set(gpus.values()) == {0}
     ingress_deployment = pipeline_graph.build_app(path, env={"LIPSERVE_X": "1"})._bound_deployment

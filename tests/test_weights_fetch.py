@@ -77,6 +77,32 @@ def test_repo_manifest_lists_every_checkpoint_with_known_facts():
     assert len(manifest.get("WavLM-Large.pt").expected_shapes()) == 488
 
 
+def test_repo_manifest_records_the_published_hashes_and_sizes():
+    manifest = load_manifest(REPO_MANIFEST)
+    for entry in manifest.entries:
+        # every file's sha256 is published somewhere (manifest.toml says where): none is left to
+        # trust on first use
+        assert len(entry.sha256) == 64 and entry.hash_source, entry.file
+        assert entry.sha256.startswith(entry.sha256_prefix), entry.file
+        assert "recorded on first fetch" not in entry.hash_source, entry.file
+    published = {"wav2lip.pth": ("b78b681b68ad9fe6c6fb1debc6ff43ad05834a8af8a62ffc4167b7b34ef63c37", 435_807_851),
+                 "wav2lip_gan.pth": ("ca9ab7b7b812c0e80a6e70a5977c545a1e8a365a6c49d5e533023c034d7ac3d8", 435_801_865),
+                 "s3fd.pth": ("619a31681264d3f7f7fc7a16a42cbbe8b23f31a256f75a366e5a1bcd59b33543", 89_843_225),
+                 "freevc-24.pth": ("7b39a86fefbc9ec6e30be8d26ee2a6aa5ffe6d235f6ab15773d01cdf348e5b20", 472_644_351)}
+    for file, (digest, size) in published.items():
+        assert (manifest.get(file).sha256, manifest.get(file).size) == (digest, size), file
+    for file in ("freevc.pth", "freevc-s.pth", "WavLM-Large.pt", "pretrained_bak_5805000.pt"):
+        assert manifest.get(file).size is None, f"{file}: no source publishes its size to the byte"
+    # S3FD's published name carries its hash prefix (torch.hub's name-HASHPREFIX.ext convention)
+    s3fd = manifest.get("s3fd.pth")
+    name_prefix = Path(s3fd.urls[0]).stem.rsplit("-", 1)[1]
+    assert s3fd.sha256_prefix == name_prefix and s3fd.sha256.startswith(name_prefix)
+    # the Nekochu mirror keeps wav2lip.pth at its repository root, like wav2lip_gan.pth
+    for file in ("wav2lip.pth", "wav2lip_gan.pth"):
+        nekochu = [u for u in manifest.get(file).urls if "/Nekochu/Wav2Lip/" in u]
+        assert nekochu == [f"https://huggingface.co/Nekochu/Wav2Lip/resolve/main/{file}"], file
+
+
 def test_fetch_good_file(tmp_path, file_server, speaker_bytes):
     url = file_server.add("spk.pt", speaker_bytes)
     manifest = spk_manifest(tmp_path, url, size=len(speaker_bytes), sha256=sha(speaker_bytes))
@@ -175,6 +201,7 @@ def test_cli_fetch_with_url_override_records_sha256(tmp_path, file_server, speak
     assert "fetched" in out and "sha256 recorded" in out
     table = tomllib.loads(manifest.path.read_text())["files"]["pretrained_bak_5805000.pt"]
     assert table["sha256"] == sha(speaker_bytes) and table["size"] == len(speaker_bytes)
+    assert table["hash_source"] == f"recorded on first fetch (trust on first use) from {url}"
     assert manifest.path.read_text().startswith("# test manifest")  # comments survive the edit
 
 

@@ -138,7 +138,7 @@ def fetch_entry(entry: WeightEntry, dest: str | os.PathLike, *, url_override: st
         if record_sha256 and not entry.sha256:
             if manifest is None:
                 raise FetchError("--record-sha256 needs the manifest the entry came from")
-            manifest.record(entry.file, sha256=digest, size=final.stat().st_size)
+            manifest.record(entry.file, sha256=digest, size=final.stat().st_size, source=url)
             recorded = True
             log.info("recorded sha256 %s for %s in %s", digest, entry.file, manifest.path)
         return FetchResult(entry.file, final, "fetched", final.stat().st_size, digest, url, resumed_from, recorded)

@@ -41,6 +41,7 @@ class WeightEntry:
     license: str
     note: str = ""
     approx_size: str = ""
+    hash_source: str = ""  # where sha256/size were read, or that they were recorded on first fetch
 
     @property
     def name(self) -> str:
@@ -71,12 +72,14 @@ class Manifest:
     def files(self) -> list[str]:
         return [e.file for e in self.entries]
 
-    def record(self, file: str, *, sha256: str, size: int) -> None:
-        """Write a fetched file's sha256 (and size, where it was unknown) into the manifest file.
+    def record(self, file: str, *, sha256: str, size: int, source: str = "") -> None:
+        """Write a fetched file's sha256 (and size, where it was unknown) into the manifest file,
+        with a hash_source line saying it was recorded on first fetch (from `source`).
 
-        Edits only those two lines of the file's table, so comments and layout survive.
+        Edits only those lines of the file's table, so comments and layout survive.
         """
         entry = self.get(file)
+        recorded = "recorded on first fetch (trust on first use)" + (f" from {source}" if source else "")
         lines = self.path.read_text().splitlines(keepends=True)
         header = f'[files."{entry.file}"]'
         try:
@@ -92,12 +95,18 @@ class Manifest:
             elif re.match(r"\s*size\s*=", lines[i]) and not entry.size:
                 lines[i] = f"size = {int(size)}\n"
                 replaced.add("size")
+            elif re.match(r"\s*hash_source\s*=", lines[i]):
+                lines[i] = f"hash_source = {json.dumps(recorded)}\n"
+                replaced.add("hash_source")
         if "sha256" not in replaced:
             lines.insert(start + 1, f'sha256 = "{sha256}"\n')
+        if "hash_source" not in replaced:
+            lines.insert(start + 1, f"hash_source = {json.dumps(recorded)}\n")
         _atomic_write_text(self.path, "".join(lines))
         # keep this object in step with the file
         index = self.entries.index(entry)
-        self.entries[index] = WeightEntry(**{**entry.__dict__, "sha256": sha256, "size": entry.size or int(size)})
+        self.entries[index] = WeightEntry(**{**entry.__dict__, "sha256": sha256, "size": entry.size or int(size),
+                                             "hash_source": recorded})
 
 
 def default_manifest_path() -> Path:
@@ -142,7 +151,7 @@ def _entry(path: Path, file: str, t: dict) -> WeightEntry:
         file=file, stage=stage, variants=tuple(need("variants", list)), kind=kind, keyset=keyset,
         size=size or None, sha256=sha, sha256_prefix=str(t.get("sha256_prefix", "")).lower(),
         urls=tuple(need("urls", list)), license=need("license", str), note=str(t.get("note", "")),
-        approx_size=str(t.get("approx_size", "")),
+        approx_size=str(t.get("approx_size", "")), hash_source=str(t.get("hash_source", "")),
     )
 
 
