@@ -20,6 +20,8 @@ raylet gives them `agent_wait_s` (RAY_agent_register_timeout_ms) when it first n
 It runs under its own temp dir, so it never touches /tmp/ray/ray_current_cluster (which
 `ray.init()` without an address connects to) and never meets another cluster on this machine;
 the ports are picked outside the kernel's ephemeral range, so no other process is handed them.
+Like a cluster `ray.init()` starts, it requires a token (RAY_AUTH_MODE=token); the token is its
+own, in its temp dir, handed to `ray start` and to this driver through RAY_AUTH_TOKEN_PATH.
 `stop()` ends the driver, then the `ray start` process, and waits until every process of this
 cluster (GCS, raylet, agents, replica workers) has exited.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -147,13 +150,15 @@ def wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     return left
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the process that started it dies (Linux), so a
-    killed test run or demo does not leave a cluster behind."""
+def _parent_death_signal():
+    """A function for the child to call before exec (Linux): SIGTERM it when the process that
+    started it dies, so a killed test run or demo leaves no cluster behind. Bound here, in the
+    parent: between fork and exec the child should only make the system call."""
     import ctypes
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalRay:
@@ -190,8 +195,12 @@ class LocalRay:
             cmd += ["--num-gpus", str(self.num_gpus)]
         return cmd
 
+    def token_env(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.temp_dir / "auth_token")}
+
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+        env.update(self.token_env())
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # how long the raylet keeps trying an agent it needs (the runtime-env agent, before the
         # first replica with env vars starts) before it gives up on the node
@@ -205,12 +214,15 @@ class LocalRay:
         t0 = time.perf_counter()
         # short: Ray's unix sockets live below it and their paths are limited to 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lsray-", dir="/tmp"))
+        token_file = self.temp_dir / "auth_token"
+        token_file.write_text(secrets.token_hex(32))
+        token_file.chmod(0o600)
         ports = pick_ports(2 + len(AGENT_PORT_FLAGS))
         listen_port, self.metrics_port = ports[2], ports[-1]
         log_path = self.temp_dir / "ray-start.log"
         with open(log_path, "wb") as out:
             self.process = subprocess.Popen(self.command(ports), stdout=out, stderr=subprocess.STDOUT,
-                                            env=self.environment(), preexec_fn=_die_with_parent)
+                                            env=self.environment(), preexec_fn=_parent_death_signal())
         address_file = self.temp_dir / "ray_current_cluster"  # written by `ray start` once the node is up
         deadline = time.monotonic() + self.start_timeout_s
         published = False
@@ -228,10 +240,33 @@ class LocalRay:
                                    f"(its logs are kept in {logs}):\n{tail}")
             time.sleep(0.05)
         self.address = address_file.read_text().strip()
-        ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        self._use_token_here()
+        try:
+            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        except Exception:
+            self.stop(keep_logs=True)
+            raise
         self.start_s = time.perf_counter() - t0
         log.info("local Ray up at %s in %.1f s (temp dir %s)", self.address, self.start_s, self.temp_dir)
         return self
+
+    def _use_token_here(self) -> None:
+        """This driver presents the cluster's token (ray.init with an address does not pick one)."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        self._saved_env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(self.token_env())
+        Config.initialize("")  # re-read RAY_AUTH_MODE, as ray.init does when it enables tokens
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    def _restore_env(self) -> None:
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
 
     def stop(self, keep_logs: bool = False) -> None:
         """Disconnect, stop the node, and wait for every one of its processes to exit."""
@@ -261,6 +296,7 @@ class LocalRay:
                             len(self.leftovers), sorted(self.leftovers))
                 wait_gone(self.leftovers, 10)
             self.process = None
+        self._restore_env()
         if self.temp_dir is not None and not keep_logs:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.temp_dir = None

@@ -26,7 +26,10 @@ def test_every_agent_port_is_chosen_up_front(tmp_path):
     assert given["--temp-dir"] == str(tmp_path)  # its own ray_current_cluster, never /tmp/ray's
     assert "--block" in cmd and "--head" in cmd
     assert given["--num-cpus"] == "2" and given["--num-gpus"] == "2"
-    assert cluster.environment()["RAY_agent_register_timeout_ms"] == str(int(cluster.agent_wait_s * 1000))
+    env = cluster.environment()
+    assert env["RAY_agent_register_timeout_ms"] == str(int(cluster.agent_wait_s * 1000))
+    # its own token, like a cluster ray.init starts (the driver is given the same path)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "auth_token")
 
 
 def test_picked_ports_are_free_and_outside_the_ephemeral_range():
