@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -64,10 +66,12 @@ class StageReplica:
     def __init__(self):
         configure_logging()
         self.settings = replica_settings()
+        self.overrides: dict = {}  # the user_config settings in force
         self.worker = None
         self.worker = self.build(self.settings)
         self.metrics = stage_metrics()
         self.loaded_at = time.time()
+        self.in_flight: Counter[str] = Counter()  # step -> calls running in this replica now
 
     def build(self, settings: Settings):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -83,6 +87,7 @@ class StageReplica:
             log.info("%s: settings changed, reloading", self.stage)
             self.worker = self.build(new)
             self.settings = new
+        self.overrides = dict(config.get("settings") or {})
 
     def check_health(self) -> None:
         """Called by Serve periodically; raising marks the replica unhealthy (it is replaced)."""
@@ -103,8 +108,10 @@ class StageReplica:
             "model_loaded": self.worker is not None,
             "device": str(device) if device is not None else "cpu",
             "synthetic": bool(getattr(self.worker, "synthetic_weights", False)),
-            "replica_pid": _pid(),
+            "replica_pid": os.getpid(),
             "gpu_ids": _gpu_ids(),  # what Ray assigned (logical on a CPU box; torch may still see none)
+            "in_flight": {step: n for step, n in self.in_flight.items() if n},
+            "settings_overrides": self.overrides,
         })
         return desc
 
@@ -122,20 +129,17 @@ class StageReplica:
     async def run_timed(self, stage: str, engine_of: Callable[[Any], str], fn, *args, **kwargs) -> StageOutput:
         """Run fn in a worker thread; return its result with start/end stamps; record metrics."""
         start, t0 = time.time(), time.perf_counter()
+        self.in_flight[stage] += 1
         try:
             result = await asyncio.to_thread(fn, *args, **kwargs)
         except BaseException as exc:
             self.metrics.failed(stage, error_code(exc))
             raise
+        finally:
+            self.in_flight[stage] -= 1
         seconds = time.perf_counter() - t0
         self.metrics.observe(stage, engine_of(result), seconds)
         return StageOutput(result, start, start + seconds)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _gpu_ids() -> list[str]:

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     tts_cache_size: int = Field(512, description="Synthesized utterances remembered.")
 
     # serving
-    auth_token: str | None = Field(None, description="When set, requests need `Authorization: Bearer <token>`.")
+    auth_token: str | None = Field(None, description="When set, every route but /health needs `Authorization: Bearer <token>`.")
+    max_body_bytes: int = Field(64 * 1024, description="Largest HTTP request body accepted, in bytes; a larger one is refused (413) before it is read.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress.")
 
     @field_validator("allowed_buckets", "tts_order", mode="before")
