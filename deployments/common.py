@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -93,10 +95,12 @@ class StageReplica:
         if user_config:
             apply_log_level(user_config)
         self.settings = replica_settings(user_config.get("settings"))
+        self.overrides: dict = dict(user_config.get("settings") or {})  # the user_config settings in force
         self.worker = None
         self.worker = self.load(self.settings)
         self.metrics = stage_metrics()
         self.loaded_at = time.time()
+        self.in_flight: Counter[str] = Counter()  # step -> calls running in this replica now
 
     def build(self, settings: Settings):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -132,6 +136,7 @@ class StageReplica:
             log.info("%s: settings changed, reloading", self.stage)
             self.worker = self.load(new)
             self.settings = new
+        self.overrides = dict(config.get("settings") or {})
 
     def check_health(self) -> None:
         """Called by Serve periodically; raising marks the replica unhealthy (it is replaced)."""
@@ -158,6 +163,8 @@ class StageReplica:
             "gpu_share": replica_gpu_share(),  # this replica's num_gpus; its CUDA memory is capped at it
             "start_seconds": dict(self.start_seconds),
             "warmed_up": bool(getattr(self.worker, "warm_up_report", None)),
+            "in_flight": {step: n for step, n in self.in_flight.items() if n},
+            "settings_overrides": self.overrides,
         })
         return desc
 
@@ -180,11 +187,14 @@ class StageReplica:
     async def run_timed(self, stage: str, engine_of: Callable[[Any], str], fn, *args, **kwargs) -> StageOutput:
         """Run fn in a worker thread; return its result with start/end stamps; record metrics."""
         start, t0 = time.time(), time.perf_counter()
+        self.in_flight[stage] += 1
         try:
             result = await asyncio.to_thread(fn, *args, **kwargs)
         except BaseException as exc:
             self.metrics.failed(stage, error_code(exc))
             raise
+        finally:
+            self.in_flight[stage] -= 1
         seconds = time.perf_counter() - t0
         self.metrics.observe(stage, engine_of(result), seconds)
         return StageOutput(result, start, start + seconds)

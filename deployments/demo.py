@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
-import ray
 from ray import serve
+
+from .local_ray import LocalRay
 
 ROOT = Path(__file__).resolve().parents[1]
 # what each stage loads; any one missing means that stage runs synthetic
@@ -43,7 +44,8 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
 
     t0 = time.perf_counter()
     quiet_ray()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cluster = LocalRay().start()  # every core of this machine; stopped (and waited for) below
+    print(f"local Ray started in {cluster.start_s:.1f}s (temp dir {cluster.temp_dir})", flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
         serve.run(build_app(LOCAL_CONFIG, env=env), name="lipserve", route_prefix="/")
@@ -57,11 +59,13 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
         return {"status": r.status_code, "result": r.json() if r.headers.get("content-type", "").startswith(
             "application/json") else {"text": r.text}, "wall_s": time.perf_counter() - t, "deploy_s": deploy_s}
     finally:
-        # the app's replicas stop gracefully; then the whole local cluster goes with ray.shutdown().
-        # Not serve.shutdown(): its controller call only ends when the controller is killed, and Ray
-        # reports that as "(raylet) Task ServeController.graceful_shutdown failed ... killed by ray.kill"
-        serve.delete("lipserve")
-        ray.shutdown()
+        # the app's replicas stop gracefully; then the whole local cluster goes (awaited) with
+        # cluster.stop(). Not serve.shutdown(): its controller call only ends when the controller is
+        # killed, which Ray reports as "(raylet) Task ServeController.graceful_shutdown failed ..."
+        try:
+            serve.delete("lipserve")
+        finally:
+            cluster.stop()
 
 
 def loud(lines: list[str]) -> str:

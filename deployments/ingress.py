@@ -16,19 +16,28 @@ Overload: Serve's proxy answers 503 + Retry-After once this deployment's max_que
 full (backpressure_config.retry_after_s). Inside, an admission gate bounds active and waiting
 requests and answers our JSON 503 (`overloaded`, Retry-After) before that, and a stage's own
 queue limit (BackPressureError) is answered the same way.
+
+The edge (EdgeGuard, in front of every route): the bearer token on every route but /health, and
+the body-size limit, both decided before the body is read or parsed. A stage replica that dies
+while it holds a request is answered 503 `stage_unavailable` naming the stage (Serve starts a new
+one); error messages pass through `public_message` (no traceback, local path or credential).
 """
 import asyncio
 import collections
 import hmac
 import logging
 import uuid
+import os
+from collections import Counter
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import ray
 from fastapi import Body, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.datastructures import Headers
 
 from lipserve import web
 from lipserve.contract import (
@@ -41,13 +50,16 @@ from lipserve.contract import (
     invalid_field,
 )
 from lipserve.errors import (
+    BodyTooLarge,
     InternalError,
     JobNotFound,
     LipserveError,
     ModelNotLoaded,
     Overloaded,
+    StageUnavailable,
     Unauthorized,
     Unavailable,
+    public_message,
 )
 from lipserve.logs import configure_logging
 from lipserve.pipeline import new_request_id, orchestrate, preflight, stage_engines, with_timeout
@@ -69,6 +81,34 @@ MEDIA_URI = Query(..., description="gs:// or storage-root path of a media file",
                                                "value": "results/0123abcd.mp4"}})
 
 STAGE_INFO_TIMEOUT_S = 15.0
+# answered without the bearer token: /health (load balancers and probes have none), and the static
+# pages a browser opens by address, which cannot carry a header: the try-it page (its calls carry
+# the token typed into it), the API docs and the schema they load. None of them reads data or runs work.
+PUBLIC_PATHS = frozenset({"/health", "/", "/docs", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/docs-assets/",)
+# the one route whose body is a video, not JSON: held to max_input_bytes instead of max_body_bytes
+UPLOAD_PATH = "/api/v1/uploads"
+
+
+@dataclass
+class Edge:
+    """What the edge checks, from the ingress replica's settings (one ingress per process)."""
+
+    token: str | None = None
+    max_body_bytes: int = 64 * 1024
+    max_upload_bytes: int = 200 * 1024 * 1024
+    storage_root: str | None = None
+
+
+edge = Edge()
+
+
+def set_edge(token: str | None, max_body_bytes: int, storage_root: str, max_upload_bytes: int) -> None:
+    """Point the edge at the ingress replica's settings. A function of this module on purpose:
+    Serve ships the Ingress class to replicas by value, with copies of the globals its methods
+    name, so `edge` written from a method would be a copy the guard never reads."""
+    edge.token, edge.max_body_bytes, edge.storage_root = token, max_body_bytes, storage_root
+    edge.max_upload_bytes = max_upload_bytes
 
 
 def to_lipserve_error(exc: BaseException) -> "LipserveError | None":
@@ -98,7 +138,97 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     headers = {}
     if err.status == 503:
         headers["Retry-After"] = str(int(err.retry_after or Unavailable.retry_after))
-    return JSONResponse(err.to_dict(request_id), status_code=err.status, headers=headers)
+    body = err.to_dict(request_id)
+    body["error"]["message"] = public_message(err.message, storage_root=edge.storage_root,
+                                              secrets=(edge.token,) if edge.token else ())
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+def check_bearer(header: str, token: str | None) -> None:
+    """Unauthorized (401) unless `header` is `Bearer <token>` (when a token is configured)."""
+    if not token:
+        return
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+async def limit_body(headers: Headers, receive, limit: int):
+    """The ASGI `receive` the app gets, once the body is known to be at most `limit` bytes.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without
+    one (chunked) is read up to the limit, then handed on from memory."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidField("Content-Length is not a number", field="body") from None
+        if size > limit:
+            raise BodyTooLarge(f"the request body is {size} bytes; the limit is {limit}", field="body")
+        return receive
+    if "chunked" not in headers.get("transfer-encoding", "").lower():
+        return receive  # no body
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive  # the client went away; the app will see it
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(f"the request body is over the limit of {limit} bytes", field="body")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body, replayed = b"".join(chunks), False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def without_secrets(user_config: dict) -> dict:
+    settings = {k: v for k, v in (user_config.get("settings") or {}).items() if k != "auth_token"}
+    return {**user_config, "settings": settings} if "settings" in user_config else dict(user_config)
+
+
+def route_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+class EdgeGuard:
+    """ASGI middleware in front of every route, FastAPI's own (/docs, /openapi.json) included:
+    the bearer token and the body limit are decided before the app reads or parses the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        try:
+            path = route_path(scope)
+            if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+                check_bearer(headers.get("authorization", ""), edge.token)
+            limit = edge.max_upload_bytes if path == UPLOAD_PATH else edge.max_body_bytes
+            receive = await limit_body(headers, receive, limit)
+        except LipserveError as exc:
+            response = error_response(exc, new_request_id(headers.get("x-request-id")))
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(EdgeGuard)
 
 
 def request_id_of(request: Request) -> str:
@@ -180,6 +310,42 @@ class Admission:
                 self.gate._queue.remove(self.turn)
 
 
+class InFlight:
+    """Which steps the requests in this ingress are in now (fed by orchestrate's progress)."""
+
+    def __init__(self):
+        self._steps: dict[int, set[str]] = {}
+
+    @asynccontextmanager
+    async def request(self):
+        steps: set[str] = set()
+        self._steps[id(steps)] = steps
+
+        def progress(step: str, event: str, seconds) -> None:
+            (steps.add if event == "start" else steps.discard)(step)
+
+        try:
+            yield progress
+        finally:
+            del self._steps[id(steps)]
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(step for steps in self._steps.values() for step in steps))
+
+
+async def from_stage(deployment: str, step: str, response):
+    """Await a stage call; a replica that died holding it becomes StageUnavailable (503)."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    try:
+        return await response
+    except (RayActorError, DeploymentUnavailableError) as exc:
+        raise StageUnavailable(f"the {deployment} replica running {step} stopped before answering "
+                               f"({type(exc).__name__}); Serve is starting another, retry later",
+                               stage=deployment) from exc
+
+
 class RemoteStages:
     """lipserve.pipeline.Stages over Serve handles (see orchestrate)."""
 
@@ -199,17 +365,19 @@ class RemoteStages:
         return put_bytes(data)
 
     async def synthesize(self, text, language, engine, seed):
-        return await self.ingress.speech.synthesize.remote(text, language, engine, seed)
+        return await from_stage("SpeechSynthesizer", "tts",
+                                self.ingress.speech.synthesize.remote(text, language, engine, seed))
 
     async def convert(self, audio, sample_rate, reference, reference_is_video, deterministic, seed):
-        return await self.ingress.voice.convert.remote(audio, sample_rate, reference, reference_is_video,
-                                                       deterministic, seed)
+        return await from_stage("VoiceConverter", "voice", self.ingress.voice.convert.remote(
+            audio, sample_rate, reference, reference_is_video, deterministic, seed))
 
     async def plan_faces(self, video, options, frames_needed):
-        return await self.ingress.lipsync.plan_faces.remote(video, options, frames_needed)
+        return await from_stage("LipSyncer", "faces", self.ingress.lipsync.plan_faces.remote(video, options, frames_needed))
 
     async def sync(self, video, audio, sample_rate, options, plan):
-        return await self.ingress.lipsync.sync.remote(video, audio, sample_rate, options, plan)
+        return await from_stage("LipSyncer", "lipsync", self.ingress.lipsync.sync.remote(
+            video, audio, sample_rate, options, plan))
 
 
 def stage_status(stages: dict, ready: bool) -> JSONResponse:
@@ -257,6 +425,7 @@ class Ingress:
         import lipserve.voice  # noqa: F401
 
         self.speech, self.voice, self.lipsync = speech, voice, lipsync
+        self.in_flight = InFlight()
         self.configure({})
         self.stage_languages = None  # engine -> languages, asked of the speech stage once
         self.metrics = stage_metrics()
@@ -274,6 +443,9 @@ class Ingress:
         self.settings = replica_settings(config.get("settings"))
         self.storage = Storage(self.settings)
         self.gate = AdmissionGate(config.get("max_active", 8), config.get("max_waiting", 16))
+        self.user_config = dict(config)
+        set_edge(self.settings.auth_token, self.settings.max_body_bytes, str(self.storage.root),
+                 self.settings.max_input_bytes)
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {"log_level", "settings": {...}, "max_active": 8, "max_waiting": 16}."""
@@ -285,16 +457,17 @@ class Ingress:
         if self.storage is None:
             raise RuntimeError("ingress not configured")
 
+    async def load(self) -> dict:
+        """What this ingress holds now (for load tests and operators; not an HTTP route): the
+        gate's running and waiting requests, the steps they are in, the config in force."""
+        return {"running": self.gate.running, "waiting": self.gate.waiting, "max_active": self.gate.active,
+                "max_waiting": self.gate.waiting_limit, "steps": self.in_flight.counts(),
+                "user_config": without_secrets(self.user_config), "replica_pid": os.getpid()}
+
     # ------------------------------------------------------------ helpers
 
     def authorize(self, request: Request) -> None:
-        token = self.settings.auth_token
-        if not token:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+        check_bearer(request.headers.get("authorization", ""), self.settings.auth_token)
 
     def refuse(self, exc: BaseException, request_id: str) -> JSONResponse:
         """The error answer for a failed request, counted in the failure metric."""
@@ -323,7 +496,8 @@ class Ingress:
             try:
                 return name, await asyncio.wait_for(getattr(handle, method).remote(), STAGE_INFO_TIMEOUT_S)
             except Exception as exc:  # a stage that cannot answer is reported as down, with why
-                return name, {"up": False, "model_loaded": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                # the type only: a replica's exception text carries its traceback
+                return name, {"up": False, "model_loaded": False, "error": type(exc).__name__}
 
         pairs = await asyncio.gather(ask("tts", self.speech), ask("voice", self.voice), ask("lipsync", self.lipsync))
         return dict(pairs)
@@ -345,10 +519,17 @@ class Ingress:
         return response
 
     async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None):
-        async with (admission if admission is not None else self.gate.reserve()):
+        async with (admission if admission is not None else self.gate.reserve()), \
+                self.in_flight.request() as track:
             await self.stage_info()
+
+            def report(step: str, event: str, seconds) -> None:
+                track(step, event, seconds)  # this ingress's in-flight counts (health, load benchmark)
+                if progress is not None:
+                    progress(step, event, seconds)  # a job's stages (deployments/jobs.py)
+
             return await orchestrate(lip_request, request_id, self.settings, self.storage, RemoteStages(self),
-                                     progress=progress, label="lipserve (serve)")
+                                     progress=report, label="lipserve (serve)")
 
     def observe(self, response: LipVideoResponse) -> None:
         """The ingress's own steps and the whole request, beside the stages' own latencies."""

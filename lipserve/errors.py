@@ -5,6 +5,9 @@ Codes are part of the API: never rename one.
 """
 from __future__ import annotations
 
+import os
+import re
+
 
 class LipserveError(Exception):
     """Base of all lipserve errors. Unknown exceptions map to 500 `internal`."""
@@ -103,6 +106,10 @@ class AudioTooLong(TooLarge):
     code = "audio_too_long"
 
 
+class BodyTooLarge(TooLarge):
+    code = "body_too_large"
+
+
 # 422 — the content cannot be used
 class Unprocessable(LipserveError):
     status, code = 422, "unprocessable"
@@ -159,6 +166,23 @@ class GPUOutOfMemory(Overloaded):
     retry_after = 10
 
 
+class StageUnavailable(Unavailable):
+    """A stage's replica went away while it held this request (killed, crashed, its node lost).
+    Serve starts a new one; nothing was written, so the same request can be sent again."""
+
+    code = "stage_unavailable"
+    retry_after = 10  # a replica start loads the stage's models
+
+    def __init__(self, message: str, *, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+    def to_dict(self, request_id: str | None = None) -> dict:
+        body = super().to_dict(request_id)
+        body["error"]["stage"] = self.stage
+        return body
+
+
 class WeightsMissing(Unavailable):
     """Checkpoint files absent and synthetic weights not allowed. Operator's fault, not the caller's."""
 
@@ -179,6 +203,40 @@ class Timeout(LipserveError):
 
 class InternalError(LipserveError):
     status, code = 500, "internal"
+
+
+# what an error body must never show a caller
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|\n\s*File \"", re.S)
+# an absolute path: starts after a space, quote, bracket or '=' (not inside a URL or gs://bucket/name)
+_ABS_PATH = re.compile(r"(?<![\w:/.\-~])(/[^\s'\"(),;]+)")
+_CREDENTIAL = re.compile(r"(?i)\b(bearer\s+|(?:access_token|id_token|token|key|password|secret|signature)=)[^\s&'\",;]+")
+REDACTED = "<redacted>"
+
+
+def public_message(message: str, *, storage_root: str | os.PathLike | None = None,
+                   secrets: tuple[str, ...] = ()) -> str:
+    """`message` as it may be shown to a caller: no traceback (cut where one starts), no local
+    path outside the storage root (replaced by <path>), no credential (replaced by <redacted>).
+
+    The errors are written to be safe already; this is the net under the ones that wrap a
+    library's text (sockets, storage clients, a replica that crashed)."""
+    text = str(message)
+    cut = _TRACEBACK.search(text)
+    if cut:
+        text = text[:cut.start()].rstrip() or "error details withheld"
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _CREDENTIAL.sub(lambda m: m.group(1) + REDACTED, text)
+    root = os.path.realpath(storage_root) if storage_root else None
+
+    def path_or_hidden(match: re.Match) -> str:
+        path = match.group(1)
+        if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+            return path
+        return "<path>"
+
+    return _ABS_PATH.sub(path_or_hidden, text)
 
 
 def all_error_classes() -> list[type[LipserveError]]:

@@ -153,11 +153,12 @@ class Storage:
             raise InvalidURI(f"{uri!r}: path contains a NUL byte")
         given = Path(raw).expanduser()
         if ".." in given.parts:
-            raise PathEscape(f"{uri!r}: '..' is not allowed in storage paths")
+            raise PathEscape("'..' is not allowed in storage paths")
         candidate = given if given.is_absolute() else self.root / given
         resolved = candidate.resolve(strict=False)  # follows every symlink on the way
         if resolved != self.root and not resolved.is_relative_to(self.root):
-            raise PathEscape(f"{uri!r} resolves to {resolved}, outside the storage root {self.root}")
+            # where it resolves to and where the root is are the server's business, not the caller's
+            raise PathEscape(f"{uri!r} is outside the storage root")
         if resolved == self.root:
             raise InvalidURI(f"{uri!r} names the storage root itself, not a file")
         return resolved

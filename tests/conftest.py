@@ -29,4 +29,16 @@ pytest_plugins = [
     "tests.fixtures.tts",
     "tests.fixtures.voice",
     "tests.fixtures.ray",
+    "tests.fixtures.storage_faults",
+    "tests.fixtures.serve",
 ]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the fault tests measured (recovery times and the like): figures, not assertions."""
+    from tests.fixtures.serve import MEASURED
+
+    if MEASURED:
+        terminalreporter.section("lipserve under faults (measured on this machine)")
+        for label, text in MEASURED.items():
+            terminalreporter.write_line(f"{label}: {text}")

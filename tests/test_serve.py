@@ -1,8 +1,9 @@
 """The Ray Serve graph on a real local Ray, through real HTTP.
 
-One deployment of the whole app (module-scoped) with the GPU config's fractions (0.5 and 1 on
-two logical GPUs; torch.cuda is unavailable, so the stages run on CPU) and synthetic weights;
-the GCS emulator is the storage. Every test talks to it over HTTP on 127.0.0.1.
+One deployment of the whole app (the session's `served`, tests/fixtures/serve.py, shared with
+test_serve_faults.py) with the GPU config's fractions (0.5 and 1 on two logical GPUs;
+torch.cuda is unavailable, so the stages run on CPU) and synthetic weights; a GCS emulator is the
+storage. Every test talks to it over HTTP on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -20,95 +21,13 @@ import httpx
 import pytest
 import yaml
 
-from lipserve import media, testmedia
+from lipserve import media
 from lipserve.pipeline import STAGES
-from tests.fixtures.ray import free_port
+from tests.fixtures.serve import AUTH, CLIENT_TIMEOUT_S, JOB_LOST_AFTER_S, MAX_TEXT, REQUEST_TIMEOUT_S, TOKEN
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_TEXT = 80
-MAX_INPUT_BYTES = 3_000_000
-MAX_VIDEO_S = 6.0
-REQUEST_TIMEOUT_S = 150.0
-CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 30
-TOKEN = "test-token-123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-JOB_LOST_AFTER_S = 10.0
-
-
-def _merge_user_config(config_path: Path, name: str, extra: dict) -> dict:
-    cfg = yaml.safe_load(config_path.read_text())
-    entry = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == name)
-    return {**(entry.get("user_config") or {}), **extra}
-
-
-@pytest.fixture(scope="module")
-def served(ray_local, gcs_server, gcs_client, make_bucket, tmp_path_factory):
-    """The app deployed from serve_config.yaml (GPU fractions kept), small limits for the tests."""
-    from ray import serve
-
-    from pipeline_graph import GPU_CONFIG, build_app
-
-    bucket, other = make_bucket("serve"), make_bucket("other")
-    root = tmp_path_factory.mktemp("serve-root")
-    weights = tmp_path_factory.mktemp("no-weights")  # no checkpoints: synthetic weights
-    env = {
-        "STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"],
-        "LIPSERVE_STORAGE_ROOT": str(root),
-        "LIPSERVE_ALLOWED_BUCKETS": bucket,
-        "LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS": "1",
-        "LIPSERVE_WEIGHTS_DIR": str(weights),
-        "LIPSERVE_TTS_ORDER": "piper",
-        "LIPSERVE_MAX_TEXT_CHARS": str(MAX_TEXT),
-        "LIPSERVE_MAX_INPUT_BYTES": str(MAX_INPUT_BYTES),
-        "LIPSERVE_MAX_VIDEO_SECONDS": str(MAX_VIDEO_S),
-        "LIPSERVE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        "LIPSERVE_STORAGE_TIMEOUT_S": "10",
-        "LIPSERVE_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "LIPSERVE_AUTH_TOKEN": TOKEN,
-        "LIPSERVE_JOB_LOST_AFTER_S": str(JOB_LOST_AFTER_S),
-    }
-    one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}}
-    overrides = {
-        # GPU fractions stay as the config says; CPU counts shrink to fit a 2-core box
-        "Ingress": {**one_replica, "ray_actor_options": {"num_cpus": 0.1},
-                    # small queues, so a burst overflows (the gate answers JSON 503s first)
-                    "max_ongoing_requests": 4, "max_queued_requests": 2,
-                    "user_config": _merge_user_config(GPU_CONFIG, "Ingress", {"max_active": 1, "max_waiting": 1})},
-        "SpeechSynthesizer": {**one_replica, "ray_actor_options": {"num_cpus": 0.2}},
-        "VoiceConverter": {**one_replica, "ray_actor_options": {"num_cpus": 0.3}},
-        "LipSyncer": {**one_replica, "ray_actor_options": {"num_cpus": 0.3}},
-    }
-    gpu_cfg = yaml.safe_load(GPU_CONFIG.read_text())
-    for entry in gpu_cfg["applications"][0]["deployments"]:
-        overrides[entry["name"]]["ray_actor_options"]["num_gpus"] = entry["ray_actor_options"]["num_gpus"]
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S + 20})
-    t = time.perf_counter()
-    serve.run(build_app(GPU_CONFIG, overrides=overrides, env=env), name="lipserve", route_prefix="/")
-    deploy_s = time.perf_counter() - t
-
-    source = testmedia.astronaut_clip(seconds=3.0, fps=25, size=(320, 240), audio="speechlike")
-    blobs = {
-        "src.mp4": source,
-        "silent.mp4": testmedia.astronaut_clip(seconds=2.0, fps=25, size=(320, 240), audio=None),
-        "noface.mp4": testmedia.noface_clip(seconds=2.0, fps=25, size=(320, 240)),
-        "photo.jpg": testmedia.astronaut_photo((320, 240), ".jpg"),
-        "long.mp4": testmedia.astronaut_clip(seconds=MAX_VIDEO_S + 2, fps=10, size=(160, 120), audio="tone"),
-        "notvideo.mp4": b"this is a text file, not a video\n" * 100,
-        "huge.mp4": os.urandom(MAX_INPUT_BYTES + 1024),
-        "exists.mp4": b"already here",
-    }
-    for name, data in blobs.items():
-        gcs_client.bucket(bucket).blob(name).upload_from_string(data)
-    gcs_client.bucket(other).blob("src.mp4").upload_from_string(source)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S, headers=AUTH) as client:
-        yield {"client": client, "bucket": bucket, "other": other, "gcs": gcs_client, "root": root,
-               "port": port, "metrics_url": ray_local["metrics_url"], "deploy_s": deploy_s, "results": {}}
-    serve.delete("lipserve")
 
 
 def _body(bucket: str, out: str, word: str = "Hello there.", src: str = "src.mp4", **extra) -> dict:

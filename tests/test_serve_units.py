@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -173,6 +174,7 @@ def _replica(builds: list):
 
     replica = Stage.__new__(Stage)  # skip __init__: it registers Ray metrics
     replica.settings = replica_settings()
+    replica.overrides, replica.in_flight = {}, Counter()
     replica.worker = replica.build(replica.settings)
     return replica
 

@@ -189,6 +189,8 @@ def test_local_path_escape_is_refused(tmp_path):
         with pytest.raises(PathEscape) as e:
             storage.read_bytes(uri)
         assert e.value.status == 403, uri
+        # the message never says where a path resolves to, nor where the root is
+        assert str(tmp_path) not in e.value.message.replace(uri, ""), e.value.message
     with pytest.raises(PathEscape):
         storage.write_bytes("linkdir/new.mp4", b"x", overwrite=True)
     with pytest.raises(PathEscape):
