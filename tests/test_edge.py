@@ -62,9 +62,9 @@ def _client(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge")
 
 
-def test_every_route_of_the_ingress_but_health_needs_the_token(edge_config):
-    """Walks the real app's routes (FastAPI's /docs and /openapi.json included), so a route added
-    later is covered too."""
+def test_every_route_of_the_ingress_but_the_public_pages_needs_the_token(edge_config):
+    """Walks the real app's routes (FastAPI's own included), so a route added later is covered too.
+    Public are only /health and the static pages a browser opens by address (no data, no work)."""
     paths = set()
     for path, methods in _routes(ingress.app.routes):
         for method in methods - {"HEAD"}:
@@ -77,7 +77,7 @@ def test_every_route_of_the_ingress_but_health_needs_the_token(edge_config):
         async with _client(ingress.app) as client:
             answers = {}
             for method, path in paths:
-                if path in ingress.PUBLIC_PATHS:
+                if path in ingress.PUBLIC_PATHS or path.startswith(ingress.PUBLIC_PREFIXES):
                     continue
                 for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
                     r = await client.request(method, path, headers=headers)
@@ -89,7 +89,9 @@ def test_every_route_of_the_ingress_but_health_needs_the_token(edge_config):
     for key, (status, body) in answers.items():
         assert status == 401 and body["error"]["code"] == "unauthorized", key
         assert TOKEN not in json.dumps(body)
-    assert ingress.PUBLIC_PATHS == {"/health"}
+    assert ingress.PUBLIC_PATHS == {"/health", "/", "/docs", "/redoc", "/openapi.json"}
+    assert ingress.PUBLIC_PREFIXES == ("/docs-assets/",)
+    assert ("POST", "/api/v1/uploads") in paths and ("GET", "/api/v1/jobs/job_id") in paths
 
 
 def test_a_body_over_the_limit_is_refused_before_the_app_reads_it(edge_config):

@@ -215,7 +215,7 @@ class _FakeEngine:
     def voice_for(self, language):
         return (f"{self.name}-{language}", language) if language in self._languages else None
 
-    def synthesize(self, text, voice, language):
+    def synthesize(self, text, voice, language, seed=None):
         from lipserve.errors import TTSUnavailable
         from lipserve.tts import EngineAudio
 
