@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass

@@ -32,7 +32,6 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import ray
 from fastapi import Body, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -52,6 +51,7 @@ from lipserve.contract import (
 from lipserve.errors import (
     BodyTooLarge,
     InternalError,
+    InvalidField,
     JobNotFound,
     LipserveError,
     ModelNotLoaded,

@@ -216,7 +216,7 @@ def test_pipeline_with_the_callers_speech_and_box(local_pipeline):
     response = pipeline.run(_request(word="", user_video_gs="src.mp4", output_video_gs="out/given.mp4",
                                      options=RequestOptions(audio="speech.wav", box=box)))
     assert response.engines["tts"] == "given:speech.wav" and response.engines["faces"] == "given"
-    assert set(STAGES) | {"total"} == set(response.step_times)
+    assert set(STAGES) | {"first_frame", "total"} == set(response.step_times)
     assert abs(response.duration_s - 1.6) <= 1 / 25 + 0.01
     info = media.probe((root / "out" / "given.mp4").read_bytes())
     assert info.has_audio and abs(info.duration - 1.6) < 0.1

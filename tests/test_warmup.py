@@ -75,7 +75,7 @@ def test_warm_up_runs_every_request_path_and_leaves_the_caches_alone(unwarmed_pi
     assert set(report) == {"tts", "voice", "lipsync"}
     assert "piper:en-us" in report["tts"]
     assert {"reference_from_video", "reference_from_audio", "convert"} <= set(report["voice"])
-    assert {"faces.static", "faces.track"} <= set(report["lipsync"])
+    assert {"faces.auto", "faces.track"} <= set(report["lipsync"])
     assert any(path.startswith("sync.") and path.endswith(f"batch_{lipsync.batch_size()}") for path in report["lipsync"])
 
     assert counted["engine"] >= 1                  # the piper voice spoke (its ONNX session ran)

@@ -388,7 +388,7 @@ class CarriedSpeech:
     def languages(self) -> dict[str, list[str]]:
         return {"carried": ["en"]}
 
-    def synthesize(self, text: str, language: str, engine: str):
+    def synthesize(self, text: str, language: str, engine: str, seed: int | None = None):
         from lipserve.tts.base import SpeechResult
 
         audio, rate = self.wavs[text]
