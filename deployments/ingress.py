@@ -50,6 +50,7 @@ from lipserve.contract import (
 )
 from lipserve.errors import (
     BodyTooLarge,
+    InputTooLarge,
     InternalError,
     InvalidField,
     JobNotFound,
@@ -153,11 +154,12 @@ def check_bearer(header: str, token: str | None) -> None:
         raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
 
-async def limit_body(headers: Headers, receive, limit: int):
+async def limit_body(headers: Headers, receive, limit: int, too_large: type[LipserveError] = BodyTooLarge,
+                     what: str = "body"):
     """The ASGI `receive` the app gets, once the body is known to be at most `limit` bytes.
 
-    A declared Content-Length over the limit is refused without reading a byte; a body without
-    one (chunked) is read up to the limit, then handed on from memory."""
+    A declared Content-Length over the limit is refused (`too_large`) without reading a byte; a
+    body without one (chunked) is read up to the limit, then handed on from memory."""
     declared = headers.get("content-length")
     if declared is not None:
         try:
@@ -165,7 +167,7 @@ async def limit_body(headers: Headers, receive, limit: int):
         except ValueError:
             raise InvalidField("Content-Length is not a number", field="body") from None
         if size > limit:
-            raise BodyTooLarge(f"the request body is {size} bytes; the limit is {limit}", field="body")
+            raise too_large(f"the request {what} is {size} bytes; the limit is {limit}", field="body")
         return receive
     if "chunked" not in headers.get("transfer-encoding", "").lower():
         return receive  # no body
@@ -177,7 +179,7 @@ async def limit_body(headers: Headers, receive, limit: int):
         chunk = message.get("body", b"")
         total += len(chunk)
         if total > limit:
-            raise BodyTooLarge(f"the request body is over the limit of {limit} bytes", field="body")
+            raise too_large(f"the request {what} is over the limit of {limit} bytes", field="body")
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -220,8 +222,10 @@ class EdgeGuard:
             path = route_path(scope)
             if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
                 check_bearer(headers.get("authorization", ""), edge.token)
-            limit = edge.max_upload_bytes if path == UPLOAD_PATH else edge.max_body_bytes
-            receive = await limit_body(headers, receive, limit)
+            if path == UPLOAD_PATH:  # a video: the source limit, and the route's own error
+                receive = await limit_body(headers, receive, edge.max_upload_bytes, InputTooLarge, "upload")
+            else:
+                receive = await limit_body(headers, receive, edge.max_body_bytes, BodyTooLarge, "body")
         except LipserveError as exc:
             response = error_response(exc, new_request_id(headers.get("x-request-id")))
             return await response(scope, receive, send)

@@ -183,6 +183,13 @@ class StageUnavailable(Unavailable):
         return body
 
 
+class CheckpointFormatError(LipserveError):
+    """A checkpoint file is not in the official layout, or its keys do not match the network (an
+    operator's fault, never a caller's: 500). Defined here with every other error, so the list of
+    codes (lipserve.contract.error_codes, the schema) does not depend on which modules are imported."""
+
+    status, code = 500, "checkpoint_invalid"
+
 class WeightsMissing(Unavailable):
     """Checkpoint files absent and synthetic weights not allowed. Operator's fault, not the caller's."""
 

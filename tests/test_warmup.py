@@ -32,7 +32,10 @@ def _settings(root: Path, weights: Path, **extra) -> Settings:
 @pytest.fixture(scope="module")
 def unwarmed_pipeline(voice_small_wavlm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("warmup-root")
-    return Pipeline(_settings(root, voice_small_wavlm_dir, warmup=False))
+    # eager networks: the test sees each one run through torch's module hooks (the OpenVINO graphs
+    # chosen by default on a CPU run outside torch; the no-new-import test below covers them)
+    eager = {f"{name}_backend": "eager" for name in ("wavlm", "synthesizer", "wav2lip", "s3fd")}
+    return Pipeline(_settings(root, voice_small_wavlm_dir, warmup=False, **eager))
 
 
 class Calls:

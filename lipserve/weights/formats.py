@@ -18,13 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LipserveError
-
-
-class CheckpointFormatError(LipserveError):
-    """A checkpoint file is not in the official layout, or its keys do not match the network."""
-
-    status, code = 500, "checkpoint_invalid"
+from ..errors import CheckpointFormatError  # noqa: F401 - defined with every other error; raised here
 
 
 @dataclass(frozen=True)
