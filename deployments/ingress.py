@@ -17,8 +17,8 @@ full (backpressure_config.retry_after_s). Inside, an admission gate bounds activ
 requests and answers our JSON 503 (`overloaded`, Retry-After) before that, and a stage's own
 queue limit (BackPressureError) is answered the same way.
 
-The edge (EdgeGuard, in front of every route): the bearer token on every route but /health, and
-the body-size limit, both decided before the body is read or parsed. A stage replica that dies
+The edge (EdgeGuard, in front of every route): the bearer token on every route but /health and the
+static pages (PUBLIC_PATHS), and the body-size limit, both decided before the body is read or parsed. A stage replica that dies
 while it holds a request is answered 503 `stage_unavailable` naming the stage (Serve starts a new
 one); error messages pass through `public_message` (no traceback, local path or credential).
 """

@@ -44,7 +44,7 @@ app = LipserveAPI(title="lipserve", version="0.1.0", docs_url=None, redoc_url=No
     "Selfie video + text -> the same person saying it, in their own voice, lips in sync.\n\n"
     "Every failure answers `{\"error\": {\"code\", \"message\", \"request_id\"}}` with the status that "
     "says whose fault it was; 503 comes with `Retry-After`. When the server has a token, every route but "
-    "`/health`, this schema and the page at `/` needs `Authorization: Bearer <token>`. "
+    "`/health`, this schema, the docs pages and the page at `/` needs `Authorization: Bearer <token>`. "
     "`POST /api/v1/jobs` runs the same request in the background for work longer than a client's timeout."))
 
 # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not from a CDN

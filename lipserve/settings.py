@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     warmup_seconds: float = Field(0.6, ge=0.5, le=30.0, description="Length of the synthetic speech and video the warm-up runs through the stages, at least 0.5 (lip sync always covers one full Wav2Lip batch plus a partial one).")
 
     # serving
-    auth_token: str | None = Field(None, description="When set, every route but /health needs `Authorization: Bearer <token>`.")
+    auth_token: str | None = Field(None, description="When set, every route but /health and the static pages (/, /docs, /redoc, /openapi.json) needs `Authorization: Bearer <token>`.")
     max_body_bytes: int = Field(64 * 1024, description="Largest HTTP request body accepted, in bytes; a larger one is refused (413) before it is read.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress (a job's work too).")
     job_retention_s: float = Field(3600.0, description="How long a finished job's result (or error) stays readable at GET /api/v1/jobs/{id}.")
