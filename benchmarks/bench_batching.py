@@ -70,11 +70,11 @@ def main() -> None:
     print("\nWav2Lip alone, ms per frame")
     for batch in (16, 32, 64):
         x = (torch.rand(batch, 1, 80, 16) * 8 - 4, torch.rand(batch, 6, 96, 96))
-        syncer._wav2lip_forward(*x)
+        syncer._forward(*x)
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            syncer._wav2lip_forward(*x)
+            syncer._forward(*x)
             times.append(time.perf_counter() - t)
         print(f"  batch {batch:3d}: {1000 * statistics.median(times) / batch:6.1f}")
 

@@ -712,7 +712,7 @@ def oom_section(s: Section, args, device: torch.device, bench_box: dict) -> None
     try:
         cap = cap_memory(device, fraction)
         budget = BatchBudget(device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=4096, cpu_items=16, cap_bytes=cap)
-        shared = SharedForward(bench.lipsync._wav2lip_forward, merge=True, max_items=4096, wait_s=0.0, device=device,
+        shared = SharedForward(bench.lipsync._forward, merge=True, max_items=4096, wait_s=0.0, device=device,
                                name="wav2lip (capped)")
         t = time.perf_counter()
         out = shared(windows, faces)
