@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print("engines:       " + ", ".join(f"{k}={v}" for k, v in result["engines"].items()))
     print("stage times:")
     for stage, seconds in result["step_times"].items():
-        print(f"  {stage:<10} {seconds:7.2f}s")
+        print(f"  {stage:<12} {seconds:7.2f}s")
     print(f"HTTP round trip: {wall:.2f}s   cache: {result['cache']}")
     print(f"precision:     {result.get('precision', {})}   frames passed through: "
           f"{result.get('frames_passed_through', 0)}")
