@@ -319,22 +319,9 @@ def track_boxes(keyframes: dict[int, np.ndarray | None], present: np.ndarray, sm
     """[n, 4] boxes: linear between found keyframes (through bridged gaps), then a centred moving
     average over `smooth_window` frames within each stretch of face frames (never across a stretch
     without a face). Rows where present is False hold the nearest box; they are not drawn on."""
-    n = len(present)
-    found = sorted((i, b) for i, b in keyframes.items() if b is not None)
-    if not found:
-        raise ValueError("no keyframe has a face")
-    xs = np.array([i for i, _ in found], dtype=np.float64)
-    ys = np.stack([b for _, b in found]).astype(np.float64)
-    frames = np.arange(n, dtype=np.float64)
-    boxes = np.stack([np.interp(frames, xs, ys[:, c]) for c in range(4)], axis=1)
-    start = None
-    for i in range(n + 1):
-        inside = i < n and present[i]
-        if inside and start is None:
-            start = i
-        elif not inside and start is not None:
-            boxes[start:i] = smooth_boxes(boxes[start:i], smooth_window)
-            start = None
+    boxes = interpolate_track(keyframes, len(present), smooth_window=1)  # linear only
+    for first, last in frame_ranges(np.asarray(present, dtype=bool)):
+        boxes[first:last + 1] = smooth_boxes(boxes[first:last + 1], smooth_window)
     return boxes
 
 
