@@ -205,6 +205,25 @@ def test_converted_graphs_are_cached_by_weights(tmp_path):
         assert frame_cosine_min(third.extract_features(wav), net.extract_features(wav)) >= _bound("wavlm")
     assert len(list(tmp_path.iterdir())) == 2
 
+def test_graphs_fed_a_new_shape_per_request_keep_no_shape_specific_kernels(tmp_path):
+    # speech lengths and frame sizes change per request: a kernel cache would only grow (~18 MiB per
+    # WavLM-Large conversion before this); Wav2Lip's few batch shapes keep the plugin's default cache
+    net = WavLM({"encoder_layers": 1, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 32, "encoder_attention_heads": 2,
+                 "conv_feature_layers": "[(16,10,5)] + [(16,3,2)] * 4 + [(16,2,2)] * 2", "conv_pos": 8,
+                 "conv_pos_groups": 2}).eval()
+    fast = FastWavLM(net, 1, None)
+    assert fast.graph.config["CPU_RUNTIME_CACHE_CAPACITY"] == 0
+    for seconds in (0.3, 0.45, 0.6):  # and it still serves each new length
+        wav = torch.from_numpy(testmedia.speechlike(seconds, 16000, seed=3))[None]
+        with torch.inference_mode():
+            assert frame_cosine_min(fast.extract_features(wav), net.extract_features(wav)) >= _bound("wavlm")
+
+
+def test_wav2lip_keeps_the_default_kernel_cache(wav2lip_pair):
+    _, fast = wav2lip_pair
+    assert "CPU_RUNTIME_CACHE_CAPACITY" not in fast.graph.config
+
+
 def test_error_measures():
     a = torch.ones(3, 4)
     assert frame_cosine_min(a, a) == pytest.approx(1.0)

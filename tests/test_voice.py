@@ -95,7 +95,7 @@ def test_convert_2s_with_3s_reference(converters, variant, rate, speech_2s, refe
     assert result.audio.size == 2 * rate  # we make it exact
     assert result.audio.dtype == np.float32 and np.isfinite(result.audio).all()
     assert np.abs(result.audio).max() <= 1.0 and result.audio.std() > 1e-3
-    assert {"wavlm", "speaker_embedding", "synthesis", "similarity"} <= set(result.timings)
+    assert {"wavlm", "speaker_embedding", "synthesis", "similarity", "release_memory"} <= set(result.timings)
     assert result.precision == "fp32" and result.warnings == []
     # voice_similarity: the cosine of the reference's condition and the output's embedding, same encoder
     speaker, _ = vc.speaker_vector(prepare_reference(reference_3s, "test"))

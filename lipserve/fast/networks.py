@@ -66,10 +66,14 @@ def relative_max_abs(fast: list[torch.Tensor], reference: list[torch.Tensor]) ->
 
 # ----------------------------------------------------------------------------- runners
 
-def _graph(module: nn.Module, examples: tuple[torch.Tensor, ...], name: str, threads: int, cache_dir: Path | None):
+def _graph(module: nn.Module, examples: tuple[torch.Tensor, ...], name: str, threads: int, cache_dir: Path | None,
+           shape_cache_entries: int | None = 0):
+    """The compiled graph. Its shape cache is off unless the caller's shapes are few and fixed (Wav2Lip's
+    batch sizes): speech lengths and frame sizes change per request, and cached kernels for them only grow."""
     from .openvino_graph import CompiledGraph
 
-    return CompiledGraph(module, examples, name=name, threads=threads, cache_dir=cache_dir)
+    return CompiledGraph(module, examples, name=name, threads=threads, cache_dir=cache_dir,
+                         shape_cache_entries=shape_cache_entries)
 
 
 class FastWavLM:
@@ -142,7 +146,8 @@ class FastWav2Lip:
 
     def __init__(self, model: nn.Module, threads: int, cache_dir: Path | None):
         examples = (torch.zeros(2, 1, 80, 16), torch.zeros(2, 6, 96, 96))
-        self.graph = _graph(model, examples, "wav2lip", threads, cache_dir)
+        # its inputs take at most batch_size shapes (the full batch and each partial last one): the default cache
+        self.graph = _graph(model, examples, "wav2lip", threads, cache_dir, shape_cache_entries=None)
 
     def __call__(self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.graph(audio_sequences, face_sequences)[0])

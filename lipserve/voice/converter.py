@@ -25,6 +25,7 @@ import librosa
 import numpy as np
 import torch
 
+from .. import heap
 from ..cache import LRUCache, content_key
 from ..device import autocast_dtype, pick_device
 from ..errors import InvalidAudio, LipserveError
@@ -96,7 +97,7 @@ class VoiceResult:
     audio: np.ndarray  # float32 mono in [-1, 1]
     sample_rate: int  # 16000 (24000 for freevc-24)
     speaker_cached: bool
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: resample, wavlm, speaker_embedding, synthesis
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: resample, wavlm, speaker_embedding, synthesis, similarity, release_memory
     synthetic_weights: bool = False
     precision: str = "fp32"  # what the networks ran in: fp32, fp16 or bf16 (autocast)
     # cosine between the reference's speaker embedding and the converted speech's (same encoder)
@@ -342,6 +343,10 @@ class VoiceConverter:
         start = time.perf_counter()
         similarity = self.similarity(speaker, audio, out_rate)
         timings["similarity"] = time.perf_counter() - start
+        # this request's buffers are freed by now; their pages go back to the system (lipserve.heap)
+        start = time.perf_counter()
+        heap.trim()
+        timings["release_memory"] = time.perf_counter() - start
         return VoiceResult(np.ascontiguousarray(audio, dtype=np.float32), out_rate, cached, timings,
                            self.synthetic_weights, precision=self.precision_name, voice_similarity=similarity,
                            warnings=reference_mod.reference_warnings(reference))
