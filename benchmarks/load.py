@@ -69,8 +69,10 @@ class Graph:
     def __exit__(self, *exc) -> None:
         from ray import serve
 
+        # as the demo stops its graph: serve.shutdown() would end with Ray's "(raylet) Task
+        # ServeController.graceful_shutdown failed" lines in the figures
         try:
-            serve.shutdown()
+            serve.delete(APP)
         finally:
             self.cluster.stop()
 
