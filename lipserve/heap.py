@@ -5,8 +5,8 @@ activations of a length that changes with every request). glibc keeps freed memo
 heap for reuse; with lengths that never repeat the kept pieces rarely fit the next request.
 Measured in one process, conversions 20 to 40: +28 MiB without a trim, +15 MiB with one after
 each. `malloc_trim(0)` returns every whole free page to the system; it costs milliseconds,
-once per request. Elsewhere than on
-glibc (musl, macOS) there is nothing to call, and `trim()` says so by returning False.
+once per request. Elsewhere than on glibc (musl, macOS) there is nothing to call, and
+`trim()` says so by returning False.
 """
 from __future__ import annotations
 
