@@ -4,7 +4,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench gpu-wheels gpu-check-cpu clean
+.PHONY: venv demo test test-fast sysdeps-test sysdeps-test-fast sysdeps-demo bench gpu-wheels gpu-check-cpu clean
+
+# Debian packages each command needs (tools/sysdeps.sh installs the missing ones as root with
+# apt-get, else says how). chromium + chromium-driver: the try-it page's real-browser test;
+# espeak-ng: the second voice of the real speaker-encoder test and the espeak engine's tests.
+# The demo needs none: its voice is piper's, from pip. (A future redis-server goes in a list too.)
+TEST_SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
+TEST_FAST_SYSTEM_PACKAGES := espeak-ng
+DEMO_SYSTEM_PACKAGES :=
 
 # Create/refresh the venv. The CPU torch wheel is installed first (pinned in
 # requirements/cpu-torch.txt) so the project's torch range never pulls a CUDA build.
@@ -17,13 +25,21 @@ $(STAMP): pyproject.toml requirements/cpu-torch.txt
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+sysdeps-test:
+	@tools/sysdeps.sh $(TEST_SYSTEM_PACKAGES)
+sysdeps-test-fast:
+	@tools/sysdeps.sh $(TEST_FAST_SYSTEM_PACKAGES)
+sysdeps-demo:
+	@tools/sysdeps.sh $(DEMO_SYSTEM_PACKAGES)
+
+demo: sysdeps-demo $(STAMP)
 	$(VPY) -m deployments.demo
 
-test: $(STAMP)
+test: sysdeps-test $(STAMP)
 	$(VPY) -m pytest -q tests
 
-test-fast: $(STAMP)
+# the inner loop: no Ray, nothing slow (the browser test is a Ray test, so no chromium here)
+test-fast: sysdeps-test-fast $(STAMP)
 	$(VPY) -m pytest -q -m "not ray and not slow" tests
 
 bench: $(STAMP)

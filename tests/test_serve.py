@@ -469,13 +469,13 @@ def test_upload_and_media_routes_keep_to_the_limits_and_the_storage(served):
 
 
 def _chromium(window=(1280, 1000)):
-    """Debian's chromium through chromium-driver (.ci/run installs both), headless, with the flags
+    """Debian's chromium through chromium-driver (`make test` installs both), headless, with the flags
     this machine's closed network needs."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
-    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (as .ci/run does)"
+    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (as `make test` does)"
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",

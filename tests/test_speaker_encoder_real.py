@@ -50,7 +50,7 @@ def real_encoder(tmp_path_factory):
 def two_voices(piper_engine, espeak_engine) -> dict[str, list[np.ndarray]]:
     """Each sentence from piper's en_US-joe voice and from espeak-ng, as the TTS stage delivers it (16 kHz)."""
     if not espeak_engine.available:
-        pytest.fail(f"espeak-ng is needed for a second voice ({espeak_engine.unavailable_reason}); .ci/run installs it")
+        pytest.fail(f"espeak-ng is needed for a second voice ({espeak_engine.unavailable_reason}); `make test` installs it")
     voices = {}
     for name, engine in (("piper", piper_engine), ("espeak", espeak_engine)):
         voice, language = engine.voice_for("en")
