@@ -230,9 +230,11 @@ def _check_sample_data(container, size: int, error=InvalidMedia, what: str = "vi
 def _rotation_ccw(frame: av.VideoFrame, stream) -> int:
     """Counter-clockwise degrees to turn a decoded frame upright (multiple of 90)."""
     ccw = frame.rotation  # from the display matrix side data; 0 when absent
-    if not ccw and "rotate" in stream.metadata:  # legacy tag, clockwise
+    # the legacy tag, clockwise; its case varies by container (Matroska keeps it as ROTATE)
+    legacy = next((value for key, value in stream.metadata.items() if key.lower() == "rotate"), None)
+    if not ccw and legacy is not None:
         try:
-            ccw = -int(float(stream.metadata["rotate"]))
+            ccw = -int(float(legacy))
         except ValueError:
             ccw = 0  # an unreadable legacy tag means no rotation, as players treat it
     return int(round(ccw / 90.0)) * 90 % 360

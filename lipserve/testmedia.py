@@ -51,11 +51,15 @@ def _background(width: int, height: int) -> np.ndarray:
 def _placement(t: float, size: tuple[int, int], motion: bool | str) -> tuple[int, int, int]:
     """(x, y, side) of the portrait square at time t; the square always stays inside the frame.
 
-    motion: True (wander and scale), False (still, centred) or "pan" (still size, sliding right at
-    PAN_PIXELS_PER_SECOND from 50 px left of centre).
+    motion: True (wander and scale), False (still, centred), "pan" (still size, sliding right at
+    PAN_PIXELS_PER_SECOND from 50 px left of centre) or "far" (small, sliding right).
     """
     width, height = size
     short = min(width, height)
+    if motion == "far":  # far from the camera: a face of ~8 % of the short side, drifting right
+        side = int(round(short * 0.23))
+        x = int(round(width * 0.3 + PAN_PIXELS_PER_SECOND * t))
+        return min(max(0, x), width - side), int(round(height * 0.35)), side
     if motion == "pan":
         side = int(round(short * 0.85))
         x = int(round((width - side) / 2 - 50 + PAN_PIXELS_PER_SECOND * t))
@@ -92,15 +96,23 @@ def face_box_truth(
 
 
 def render_frame(t: float, size: tuple[int, int] = (640, 360), motion: bool | str = True,
-                 cut_away: tuple[float, float] | None = None) -> np.ndarray:
+                 cut_away: tuple[float, float] | None = None,
+                 tilt: tuple[float, float, float] | None = None) -> np.ndarray:
     """The upright RGB picture at time t: the astronaut portrait moved and scaled over a gradient,
-    or, for t in [cut_away[0], cut_away[1]), a face-less picture (the camera turned away)."""
+    or, for t in [cut_away[0], cut_away[1]), a face-less picture (the camera turned away).
+    `tilt` (start, end, degrees): in between, the head is tilted in-plane about the face's centre
+    (counter-clockwise for positive degrees), so `face_box_at` stays its centre and size."""
     if cut_away is not None and cut_away[0] <= t < cut_away[1]:
         return _noface_frame(t, size)
     width, height = size
     frame = _background(width, height).copy()
     x, y, side = _placement(t, size, motion)
     portrait = cv2.resize(_portrait(), (side, side), interpolation=cv2.INTER_AREA)
+    if tilt is not None and tilt[0] <= t < tilt[1]:
+        scale = side / _CROP_SIDE
+        centre = ((FACE_IN_CROP[0] + FACE_IN_CROP[2]) / 2 * scale, (FACE_IN_CROP[1] + FACE_IN_CROP[3]) / 2 * scale)
+        turn = cv2.getRotationMatrix2D(centre, tilt[2], 1.0)
+        portrait = cv2.warpAffine(portrait, turn, (side, side), borderMode=cv2.BORDER_REFLECT)
     frame[y : y + side, x : x + side] = portrait
     return frame
 
@@ -221,6 +233,7 @@ def astronaut_clip(
     index_first: bool = True,
     cut_away: tuple[float, float] | None = None,
     colour: Colour | None = None,
+    tilt: tuple[float, float, float] | None = None,
 ) -> bytes:
     """An mp4 of the astronaut's face moving and scaling over time (H.264 + AAC 44.1 kHz).
 
@@ -231,9 +244,10 @@ def astronaut_clip(
     time t is `face_box_at(t, size, motion)`; `motion="pan"` slides it sideways. `cut_away`
     (start, end) seconds shows a face-less picture in between. `colour` converts and tags the
     picture (e.g. BT709, as HD cameras do); None leaves it untagged, converted as players assume.
+    `tilt` (start, end, degrees) tilts the head in between (render_frame).
     """
-    return _clip(lambda t: render_frame(t, size, motion, cut_away), seconds, fps, audio, rotate, vfr, index_first,
-                 colour)
+    return _clip(lambda t: render_frame(t, size, motion, cut_away, tilt), seconds, fps, audio, rotate, vfr,
+                 index_first, colour)
 
 
 def noface_clip(

@@ -109,10 +109,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float = S3FD_NMS_THRES
     return order[np.asarray(keep, dtype=np.int64)]
 
 
-def best_s3fd_face(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+def best_s3fd_face(boxes: np.ndarray, scores: np.ndarray,
+                   face_threshold: float = S3FD_FACE_THRESHOLD) -> np.ndarray | None:
     """The official choice: after NMS and the 0.5 score cut, the first (best-scoring) box."""
     keep = nms(boxes, scores)
-    keep = keep[scores[keep] > S3FD_FACE_THRESHOLD]
+    keep = keep[scores[keep] > face_threshold]
     if len(keep) == 0:
         return None
     return np.clip(boxes[keep[0]], 0, None)
@@ -121,18 +122,27 @@ def best_s3fd_face(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- detectors
 
 class FaceDetector:
-    """Finds at most one face per frame: `detect(frames [N,H,W,3] RGB uint8) -> [box or None]`."""
+    """Finds at most one face per frame: `detect(frames [N,H,W,3] RGB uint8) -> [box or None]`.
+
+    `detect_lenient` is the second look a stretch gets before it is declared face-less (see
+    confirm_stretches): it finds more faces and more false ones, so its hits are only believed
+    where they continue a face found next to them or agree over several frames.
+    """
 
     name = "?"
 
     def detect(self, frames: np.ndarray) -> list[np.ndarray | None]:
         raise NotImplementedError
 
+    def detect_lenient(self, frames: np.ndarray) -> list[np.ndarray | None]:
+        return self.detect(frames)
+
 
 class S3FDDetector(FaceDetector):
     """The official detector's network and decision rule, batched on the model's device."""
 
     name = "s3fd"
+    LENIENT_THRESHOLD = 0.3  # the second look's score cut (the official one is S3FD_FACE_THRESHOLD)
 
     def __init__(self, net: torch.nn.Module, device: torch.device, batch_size: int | None = None):
         self.net = net.eval()
@@ -147,7 +157,7 @@ class S3FDDetector(FaceDetector):
         x = x.permute(0, 3, 1, 2).float() - self._mean  # RGB minus the official means
         return list(self.net(x))
 
-    def detect(self, frames: np.ndarray) -> list[np.ndarray | None]:
+    def detect(self, frames: np.ndarray, face_threshold: float = S3FD_FACE_THRESHOLD) -> list[np.ndarray | None]:
         found: list[np.ndarray | None] = []
         for start in range(0, len(frames), self.batch_size):
             t0 = time.perf_counter()
@@ -158,32 +168,38 @@ class S3FDDetector(FaceDetector):
                 torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()
             for boxes, scores in s3fd_candidates(outputs):
-                found.append(best_s3fd_face(boxes.cpu().numpy(), scores.cpu().numpy()))
+                found.append(best_s3fd_face(boxes.cpu().numpy(), scores.cpu().numpy(), face_threshold))
             self.timings["network"] += t1 - t0
             self.timings["postprocess"] += time.perf_counter() - t1
         return found
+
+    def detect_lenient(self, frames: np.ndarray) -> list[np.ndarray | None]:
+        return self.detect(frames, self.LENIENT_THRESHOLD)
 
 
 class HaarDetector(FaceDetector):
     """OpenCV's frontal-face Haar cascade: the fallback when `s3fd.pth` is absent.
 
     Why this one: it is a real, trained face detector whose model file ships inside the
-    opencv-python-headless 4.x wheel (`cv2.data.haarcascades`), so it works offline with no
-    download. The alternatives fail that test: opencv 5 wheels no longer carry the cascades,
-    `cv2.FaceDetectorYN` and mediapipe need model files no wheel ships, and facenet-pytorch
-    (whose wheel does carry MTCNN weights) pins torch<2.3 and needs torchvision. Synthetic S3FD
+    opencv-python-headless 4.x wheel (`cv2.data.haarcascades`), so it works offline with no new
+    dependency. MediaPipe 0.10.14's BlazeFace (weights in its wheel) finds more tilted faces and
+    is faster, but it needs protobuf < 5 where Ray's stack has 7, and pulls jax and a second
+    OpenCV; benchmarks/bench_face_recall.py and docs/FACES.md have the comparison. Synthetic S3FD
     weights are never used to serve: they find no faces, only noise.
 
-    The cascade's box ends near the chin line, a little higher than S3FD's (which the Wav2Lip
-    crops were trained with), so the bottom edge is lowered by CHIN_EXTENSION of the height.
-    Detections whose final-stage confidence is under MIN_CONFIDENCE are dropped: on the test
-    clips real faces score 2.8-7.5 and textured noise up to 1.1.
+    The cascade runs on the plain grey picture as OpenCV's own samples do: histogram equalisation
+    and a cut on the cascade's confidence each lost real faces on the recall benchmark (the
+    equalised picture also invents faces in crowds and foliage). The cascade's box ends near the
+    chin line, a little higher than S3FD's (which the Wav2Lip crops were trained with), so the
+    bottom edge is lowered by CHIN_EXTENSION of the height.
     """
 
     name = "haar"
     CASCADE = "haarcascade_frontalface_default.xml"
     CHIN_EXTENSION = 0.1
-    MIN_CONFIDENCE = 2.0
+    NEIGHBOURS = 5          # OpenCV's usual setting
+    LENIENT_NEIGHBOURS = 2  # the second look: a face that only a couple of windows agree on
+    MIN_SIDE = 24           # the cascade's own window
 
     def __init__(self):
         path = cv2.data.haarcascades + self.CASCADE
@@ -192,21 +208,23 @@ class HaarDetector(FaceDetector):
             raise RuntimeError(f"cannot load the Haar cascade {path}; is opencv-python-headless 4.x installed?")
         self._lock = threading.Lock()  # a CascadeClassifier must not run in two threads at once
 
-    def detect(self, frames: np.ndarray) -> list[np.ndarray | None]:
+    def detect(self, frames: np.ndarray, neighbours: int | None = None) -> list[np.ndarray | None]:
         found: list[np.ndarray | None] = []
         for frame in frames:
-            gray = cv2.equalizeHist(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+            gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
             with self._lock:
-                faces, _, confidence = self.cascade.detectMultiScale3(
-                    gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24), outputRejectLevels=True)
-            faces = [f for f, c in zip(faces, np.ravel(confidence)) if c >= self.MIN_CONFIDENCE]
-            if not faces:
+                faces = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=neighbours or self.NEIGHBOURS,
+                                                      minSize=(self.MIN_SIDE, self.MIN_SIDE))
+            if len(faces) == 0:
                 found.append(None)
                 continue
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])  # the largest face: the selfie's subject
             bottom = min(frame.shape[0], y + h * (1 + self.CHIN_EXTENSION))
             found.append(np.array([x, y, x + w, bottom], dtype=np.float64))
         return found
+
+    def detect_lenient(self, frames: np.ndarray) -> list[np.ndarray | None]:
+        return self.detect(frames, self.LENIENT_NEIGHBOURS)
 
 
 def detect_boxes(detector: FaceDetector, frames: np.ndarray, max_side: int) -> list[np.ndarray | None]:
@@ -222,6 +240,153 @@ def detect_boxes(detector: FaceDetector, frames: np.ndarray, max_side: int) -> l
     boxes = detector.detect(small)
     scale_back = np.array([sx, sy, sx, sy])
     return [None if b is None else np.asarray(b, dtype=np.float64) * scale_back for b in boxes]
+
+
+# ----------------------------------------------------------------------------- the second look
+
+# A frame the first pass left without a face gets a second look before it passes through:
+# the lenient detector at full resolution, near the face of the frame next to it, upright and
+# tilted (the frontal cascade loses heads tilted by more than ~15 degrees).
+SECOND_LOOK_TILTS = (0.0, -15.0, 15.0, -30.0, 30.0)
+SEARCH_MARGIN = 1.0   # the window searched around the neighbour's box: its side again on every side
+NEXT_MAX_SHIFT = 0.5  # from one frame to the next a face's centre moves at most half its side ...
+NEXT_MAX_SCALE = 1.5  # ... and its side changes by at most this factor
+AGREE_FRAMES = 3      # with no face next to it, a lenient hit counts once this many frames in a row agree
+LOOK_CHUNK = 32       # frames fetched at once for the second look
+
+
+def continues(previous: np.ndarray, box: np.ndarray, max_shift: float = NEXT_MAX_SHIFT,
+              max_scale: float = NEXT_MAX_SCALE) -> bool:
+    """Whether `box` can be the face of `previous` a frame later (or a few frames apart)."""
+    side = float(max(previous[2] - previous[0], previous[3] - previous[1]))
+    new_side = float(max(box[2] - box[0], box[3] - box[1]))
+    shift = np.hypot(*((box[:2] + box[2:]) / 2 - (previous[:2] + previous[2:]) / 2))
+    return shift <= max_shift * side and 1 / max_scale <= new_side / max(side, 1e-6) <= max_scale
+
+
+def find_near(detector: FaceDetector, frame: np.ndarray, anchor: np.ndarray) -> np.ndarray | None:
+    """The lenient detector in a window around `anchor` (the face of a neighbouring frame), upright
+    and then tilted; the first box that `continues` the anchor, in frame pixels."""
+    height, width = frame.shape[:2]
+    side = float(max(anchor[2] - anchor[0], anchor[3] - anchor[1]))
+    margin = side * SEARCH_MARGIN
+    x1, y1 = int(max(0, anchor[0] - margin)), int(max(0, anchor[1] - margin))
+    x2, y2 = int(min(width, anchor[2] + margin)), int(min(height, anchor[3] + margin))
+    if x2 - x1 < 8 or y2 - y1 < 8:
+        return None
+    window = np.ascontiguousarray(frame[y1:y2, x1:x2])
+    pivot = (float((anchor[0] + anchor[2]) / 2 - x1), float((anchor[1] + anchor[3]) / 2 - y1))
+    for tilt in SECOND_LOOK_TILTS:
+        turn = cv2.getRotationMatrix2D(pivot, tilt, 1.0)
+        view = window if tilt == 0 else cv2.warpAffine(window, turn, (x2 - x1, y2 - y1),
+                                                       borderMode=cv2.BORDER_REPLICATE)
+        (box,) = detector.detect_lenient(view[None])
+        if box is None:
+            continue
+        centre = (box[:2] + box[2:]) / 2
+        if tilt != 0:  # the centre turned back; the size as found
+            centre = cv2.invertAffineTransform(turn) @ np.array([centre[0], centre[1], 1.0])
+        half = (box[2:] - box[:2]) / 2
+        found = np.concatenate([centre - half, centre + half]) + np.array([x1, y1, x1, y1], dtype=np.float64)
+        if continues(anchor, found):
+            return found
+    return None
+
+
+def second_look(detector: FaceDetector, keyframes: dict[int, np.ndarray | None], n_frames: int, max_gap: int,
+                frames_for) -> int:
+    """Before a stretch of frames [0, n_frames) is declared face-less, look at every frame of it again.
+
+    From the face on either side of the stretch, frame by frame inwards: `find_near` (the face
+    moved a little, tilted, or the first pass's smaller copy lost it). What neither side reaches:
+    the lenient detector on the whole picture, believed where AGREE_FRAMES frames in a row agree;
+    those faces are then followed outwards the same way. Found boxes go into `keyframes` (source
+    pixels); what stays face-less passes through. `frames_for(indices) -> (frames, scale)` as in
+    the syncer (source pixels = frame pixels * scale). Returns the number of frames looked at.
+    """
+    looked = 0
+    tried_unanchored: set[int] = set()
+    for _ in range(4):  # new faces in the middle of a stretch are followed outwards on the next round
+        present = face_presence(keyframes, n_frames, max_gap)
+        if not present.any():  # no face anywhere yet: the frames already tried, whole
+            n = _unanchored(detector, keyframes, sorted(keyframes), frames_for, tried_unanchored)
+            looked += n
+            if n == 0 or not face_presence(keyframes, n_frames, max_gap).any():
+                return looked
+            continue
+        boxes = interpolate_track(keyframes, n_frames, smooth_window=1)
+        added = 0
+        for first, last in frame_ranges(~present):
+            reached_from_before = reached_from_after = 0
+            if first > 0:
+                reached_from_before, n = _follow(detector, keyframes, list(range(first, last + 1)),
+                                                 boxes[first - 1], frames_for)
+                looked += n
+            rest = list(range(first + reached_from_before, last + 1))
+            if last < n_frames - 1 and rest:
+                reached_from_after, n = _follow(detector, keyframes, rest[::-1], boxes[last + 1], frames_for)
+                looked += n
+            middle = rest[:len(rest) - reached_from_after]
+            added += reached_from_before + reached_from_after
+            found_before = sum(keyframes.get(i) is not None for i in middle)
+            looked += _unanchored(detector, keyframes, middle, frames_for, tried_unanchored)
+            added += sum(keyframes.get(i) is not None for i in middle) - found_before
+        if not added:
+            break
+    return looked
+
+
+def look_again_whole(detector: FaceDetector, keyframes: dict[int, np.ndarray | None], frames_for) -> int:
+    """The lenient detector on the whole of every frame tried so far (static mode found no face)."""
+    return _unanchored(detector, keyframes, sorted(keyframes), frames_for, set())
+
+
+def _fetch(frames_for, indices: list[int]):
+    """(index, frame, scale) in the order asked, LOOK_CHUNK frames decoded at a time."""
+    for start in range(0, len(indices), LOOK_CHUNK):
+        chunk = indices[start:start + LOOK_CHUNK]
+        order = sorted(chunk)
+        frames, scale = frames_for(order)
+        by_index = dict(zip(order, frames))
+        for i in chunk:
+            yield i, by_index[i], scale
+
+
+def _follow(detector, keyframes, order: list[int], anchor: np.ndarray, frames_for) -> tuple[int, int]:
+    """Follow the face at `anchor` through the frames in `order` until it is lost: (frames found, looked at)."""
+    found = looked = 0
+    for i, frame, scale in _fetch(frames_for, order):
+        looked += 1
+        box = find_near(detector, frame, np.asarray(anchor, dtype=np.float64) / scale)
+        if box is None:
+            break
+        anchor = box * scale
+        keyframes[i] = anchor
+        found += 1
+    return found, looked
+
+
+def _unanchored(detector, keyframes, indices: list[int], frames_for, tried: set[int]) -> int:
+    """The lenient detector on whole frames with no face next to them; a box is kept only inside
+    a run of AGREE_FRAMES consecutive `indices` whose boxes continue one another (all of them when
+    fewer are looked at: a photo). Returns frames looked at."""
+    indices = [i for i in indices if i not in tried]
+    if not indices:
+        return 0
+    tried.update(indices)
+    hits = [(i, None if box is None else box * scale)
+            for i, frame, scale in _fetch(frames_for, indices)
+            for box in detector.detect_lenient(frame[None])]
+    needed = min(AGREE_FRAMES, len(tried))
+    run: list[tuple[int, np.ndarray]] = []
+    for i, box in hits + [(-1, None)]:
+        if box is not None and (not run or continues(run[-1][1], box)):
+            run.append((i, box))
+            continue
+        if len(run) >= needed:
+            keyframes.update(dict(run))
+        run = [(i, box)] if box is not None else []
+    return len(hits)
 
 
 # ----------------------------------------------------------------------------- box arithmetic

@@ -45,8 +45,8 @@ from ..settings import Settings
 from ..weights.resolve import load_concurrently
 from . import blend
 from .faces import (FaceDetector, HaarDetector, S3FDDetector, detect_boxes, face_presence, frame_ranges,
-                    padded_crop_boxes, refine_frames, spread_frames, still_box, track_boxes, track_keyframes,
-                    validate_box)
+                    look_again_whole, padded_crop_boxes, refine_frames, second_look, spread_frames, still_box, track_boxes,
+                    track_keyframes, validate_box)
 from .networks import load_s3fd, load_wav2lip, wav2lip_filename
 
 log = logging.getLogger("lipserve.lipsync")
@@ -687,6 +687,10 @@ class LipSyncer:
                 detect([i], STATIC_MAX_SIDE)
                 if keyframes[i] is not None:
                     break
+            if not any(b is not None for b in keyframes.values()):
+                t = time.perf_counter()
+                detected += look_again_whole(self.detector, keyframes, frames_for)
+                timings["detect"] = timings.get("detect", 0.0) + time.perf_counter() - t
             self._require_a_face(keyframes)
             return _FaceEntry(info, self.detector.name, keyframes, info.n_frames), detected
 
@@ -704,8 +708,19 @@ class LipSyncer:
         max_gap = self._max_gap(info)
         detect(track_keyframes(want, options.track_every) + [want - 1], TRACK_MAX_SIDE)
         detect(refine_frames(keyframes, want, max_gap), TRACK_MAX_SIDE)
+        detected += self._second_look(keyframes, want, max_gap, frames_for, timings)
         self._require_a_face(keyframes)
         return _FaceEntry(info, self.detector.name, keyframes, want, moving=True), detected
+
+    def _second_look(self, keyframes: dict, want: int, max_gap: int, frames_for, timings: dict) -> int:
+        """faces.second_look over frames [0, want): nothing passes through, and no 422 is given,
+        before every frame that would has been looked at again."""
+        t = time.perf_counter()
+        decode_before = timings.get("decode", 0.0)
+        looked = second_look(self.detector, keyframes, want, max_gap, frames_for)
+        timings["detect"] = (timings.get("detect", 0.0) + time.perf_counter() - t
+                             - (timings.get("decode", 0.0) - decode_before))
+        return looked
 
     def _require_a_face(self, keyframes: dict) -> None:
         if any(b is not None for b in keyframes.values()):
