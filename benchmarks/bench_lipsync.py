@@ -64,7 +64,7 @@ def old_way(syncer: LipSyncer, video: bytes, speech: np.ndarray, rate: int, opti
     # one box per output frame: index the per-output-frame boxes directly
     out_frames = frames[source_of]
     face_boxes = np.round(boxes).astype(np.int64)
-    crop_boxes = padded_crop_boxes(face_boxes, options.pads, width, height)
+    crop_boxes = padded_crop_boxes(face_boxes, syncer.resolve(options).pads, width, height)
     t = time.perf_counter()
     steps = {"model": 0.0, "paste": 0.0}
     generated = syncer._synced_frames(out_frames, crop_boxes, face_boxes, np.ones(n_out, dtype=bool),

@@ -100,22 +100,23 @@ def check_language(language: str, engine: str, languages: dict[str, list[str]] |
     return lang
 
 
-def lipsync_options(options, settings: Settings) -> dict:
-    """RequestOptions + settings defaults -> LipSyncOptions fields (a plain dict)."""
+def lipsync_options(options) -> dict:
+    """RequestOptions -> LipSyncOptions fields (a plain dict), checked; unset fields stay None."""
     box = None
     if options.box is not None:
         b = options.box
         if b.x2 <= b.x1 or b.y2 <= b.y1 or min(b.x1, b.y1) < 0:
             raise InvalidField("options.box must have 0 <= x1 < x2 and 0 <= y1 < y2", field="options.box")
         box = (b.x1, b.y1, b.x2, b.y2)
-    mode = options.face_mode or ("box" if box is not None else settings.face_mode)
+    # what the request leaves unset stays None: the lip-sync stage fills it from its own settings
+    mode = options.face_mode or ("box" if box is not None else None)
     if mode == "box" and box is None:
         raise InvalidField("options.face_mode 'box' needs options.box", field="options.box")
     return {
         "face_mode": mode,
         "box": box if mode == "box" else None,
-        "pads": tuple(options.pads if options.pads is not None else settings.pads),
-        "resize_factor": int(options.resize_factor or settings.resize_factor),
+        "pads": tuple(options.pads) if options.pads is not None else None,
+        "resize_factor": int(options.resize_factor) if options.resize_factor else None,
     }
 
 
@@ -126,7 +127,7 @@ def preflight(request: LipVideoRequest, settings: Settings, storage,
     opts = request.options
     text = check_text(request.word, settings, may_be_empty=opts.audio is not None)
     lang = check_language(request.tts_lang, opts.tts_engine, languages)
-    lip = lipsync_options(opts, settings)
+    lip = lipsync_options(opts)
     storage.parse(request.user_video_gs)
     if opts.reference_audio:
         storage.parse(opts.reference_audio)

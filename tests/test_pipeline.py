@@ -70,19 +70,36 @@ def test_preflight_accepts_language_variants_and_fills_options(root):
     settings = Settings(storage_root=root)
     pre = preflight(_request(tts_lang="en-US", word="  Hi there  "), settings, Storage(settings), LANGS)
     assert pre.text == "Hi there" and pre.language == "en-US"
-    assert pre.lipsync == {"face_mode": "auto", "box": None, "pads": (0, 20, 0, 0), "resize_factor": 1}
+    # what the request leaves unset is the lip-sync stage's to fill (LipSyncer.resolve), not the ingress's
+    assert pre.lipsync == {"face_mode": None, "box": None, "pads": None, "resize_factor": None}
     pre = preflight(_request(tts_lang="ko", options=RequestOptions(tts_engine="espeak")), settings, Storage(settings), LANGS)
     assert pre.engine == "espeak"
 
 
 def test_lipsync_options_box_and_overrides():
-    settings = Settings(face_mode="track", pads=(1, 2, 3, 4), resize_factor=2)
-    assert lipsync_options(RequestOptions(), settings) == {
-        "face_mode": "track", "box": None, "pads": (1, 2, 3, 4), "resize_factor": 2}
-    boxed = lipsync_options(RequestOptions(box=FaceBox(x1=1, y1=2, x2=30, y2=40), resize_factor=3), settings)
+    assert lipsync_options(RequestOptions()) == {"face_mode": None, "box": None, "pads": None, "resize_factor": None}
+    given = lipsync_options(RequestOptions(face_mode="track", pads=[1, 2, 3, 4], resize_factor=2))
+    assert given == {"face_mode": "track", "box": None, "pads": (1, 2, 3, 4), "resize_factor": 2}
+    boxed = lipsync_options(RequestOptions(box=FaceBox(x1=1, y1=2, x2=30, y2=40), resize_factor=3))
     assert boxed["face_mode"] == "box" and boxed["box"] == (1, 2, 30, 40) and boxed["resize_factor"] == 3
     with pytest.raises(InvalidField):
-        lipsync_options(RequestOptions(box=FaceBox(x1=10, y1=2, x2=5, y2=40)), settings)
+        lipsync_options(RequestOptions(box=FaceBox(x1=10, y1=2, x2=5, y2=40)))
+
+
+def test_the_lip_sync_stage_settings_are_what_a_request_gets(tmp_path):
+    """A request without face options gets the LipSyncer's own settings (its deployment's user_config),
+    whatever the ingress's settings say; what the request sets wins."""
+    from lipserve.lipsync import LipSyncer, LipSyncOptions
+
+    stage = LipSyncer(Settings(weights_dir=tmp_path, allow_synthetic_weights=True, device="cpu",
+                               face_mode="static", pads=(1, 2, 3, 4), resize_factor=2))
+    request = LipSyncOptions(**lipsync_options(RequestOptions()))
+    resolved = stage.resolve(request)
+    assert (resolved.face_mode, resolved.pads, resolved.resize_factor) == ("static", (1, 2, 3, 4), 2)
+    clip = testmedia.astronaut_clip(seconds=1.0, fps=25, size=(320, 180), audio=None, motion="pan")
+    assert stage.plan_faces(clip, request, 25, use_cache=False).mode == "static"
+    asked = LipSyncOptions(**lipsync_options(RequestOptions(face_mode="track")))
+    assert stage.plan_faces(clip, asked, 25, use_cache=False).mode == "track"
 
 
 def test_check_video_limits():

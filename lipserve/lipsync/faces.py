@@ -184,7 +184,7 @@ class HaarDetector(FaceDetector):
     opencv-python-headless 4.x wheel (`cv2.data.haarcascades`), so it works offline with no new
     dependency. MediaPipe 0.10.14's BlazeFace (weights in its wheel) finds more tilted faces and
     is faster, but it needs protobuf < 5 where Ray's stack has 7, and pulls jax and a second
-    OpenCV; benchmarks/bench_face_recall.py and docs/FACES.md have the comparison. Synthetic S3FD
+    OpenCV (docs/PARITY.md). benchmarks/bench_face_recall.py measures recall. Synthetic S3FD
     weights are never used to serve: they find no faces, only noise.
 
     The cascade runs on the plain grey picture as OpenCV's own samples do: histogram equalisation

@@ -91,10 +91,12 @@ DECODE_WINDOW_BYTES = 512 * 1024 * 1024  # plan_faces decodes at most this much 
 
 @dataclass
 class LipSyncOptions:
-    face_mode: str = "auto"             # auto | static | track | box
+    """One request's lip-sync options; None = this stage's setting of the same name (LipSyncer.resolve)."""
+
+    face_mode: str | None = None        # auto | static | track | box
     box: tuple[int, int, int, int] | None = None   # x1, y1, x2, y2 in source pixels
-    pads: tuple[int, int, int, int] = (0, 20, 0, 0)  # top, bottom, left, right
-    resize_factor: int = 1
+    pads: tuple[int, int, int, int] | None = None  # top, bottom, left, right
+    resize_factor: int | None = None
     track_every: int = 5
 
 
@@ -359,6 +361,7 @@ class LipSyncer:
 
         `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         t0 = time.perf_counter()
+        options = self.resolve(options)
         self._check_options(options)
         video_key, entry_key = self._keys(video, options)
         entry = self.face_cache.get(entry_key) if use_cache else None
@@ -390,6 +393,7 @@ class LipSyncer:
         reads nor fills the face cache (the warm-up).
         """
         timings = timings if timings is not None else {}
+        options = self.resolve(options)
         self._check_options(options)
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         if audio.size == 0 or sample_rate <= 0:
@@ -569,6 +573,17 @@ class LipSyncer:
                 yield frame
 
     # ------------------------------------------------------------------ faces
+
+    def resolve(self, options: LipSyncOptions) -> LipSyncOptions:
+        """The request's options with what it left unset taken from this stage's settings: the
+        stage owns these defaults, so its deployment's user_config is what its requests get."""
+        s = self.settings
+        return replace(
+            options,
+            face_mode=options.face_mode or ("box" if options.box is not None else s.face_mode),
+            pads=tuple(options.pads) if options.pads is not None else tuple(s.pads),
+            resize_factor=options.resize_factor if options.resize_factor is not None else int(s.resize_factor),
+        )
 
     def _check_options(self, options: LipSyncOptions) -> None:
         if options.face_mode not in FACE_MODES:
