@@ -11,25 +11,13 @@ import numpy as np
 import pytest
 
 from lipserve import media, testmedia
-from lipserve.lipsync import LipSyncer, LipSyncOptions
+from lipserve.lipsync import LipSyncOptions
 from lipserve.lipsync.faces import (AGREE_FRAMES, FaceDetector, HaarDetector, box_iou, detect_boxes, second_look)
 from lipserve.lipsync.syncer import TRACK_MAX_SIDE
-from lipserve.settings import Settings
 
 FPS = 25
 PORTRAIT = (360, 640)  # upright width, height
 
-
-@pytest.fixture(scope="module")
-def syncer(tmp_path_factory) -> LipSyncer:
-    settings = Settings(weights_dir=tmp_path_factory.mktemp("no_weights"), allow_synthetic_weights=True, device="cpu")
-    return LipSyncer(settings)
-
-
-@pytest.fixture
-def fresh(syncer) -> LipSyncer:
-    syncer.clear_face_cache()
-    return syncer
 
 
 def mkv_with_rotate_tag(seconds: float, rotate: int) -> bytes:

@@ -21,18 +21,6 @@ FPS = 25
 SPEECH_RATE = 44100  # not 16 kHz on purpose: the syncer resamples for the mel
 
 
-@pytest.fixture(scope="module")
-def syncer(tmp_path_factory) -> LipSyncer:
-    # empty weights dir: Wav2Lip on synthetic weights (flagged), faces by the Haar cascade
-    settings = Settings(weights_dir=tmp_path_factory.mktemp("no_weights"), allow_synthetic_weights=True, device="cpu")
-    return LipSyncer(settings)
-
-
-@pytest.fixture
-def fresh(syncer) -> LipSyncer:
-    syncer.clear_face_cache()
-    return syncer
-
 
 @pytest.fixture(scope="module")
 def speech_2s() -> np.ndarray:

@@ -9,25 +9,13 @@ import pytest
 import torch
 
 from lipserve import media, testmedia
-from lipserve.lipsync import LipSyncer, LipSyncOptions
+from lipserve.lipsync import LipSyncOptions
 from lipserve.lipsync import syncer as syncer_module
 from lipserve.lipsync.faces import HaarDetector, box_iou, detect_boxes, padded_crop_boxes
 from lipserve.lipsync.syncer import AUTO_PROBES, TRACK_MAX_SIDE
-from lipserve.settings import Settings
 
 FPS = 25
 
-
-@pytest.fixture(scope="module")
-def syncer(tmp_path_factory) -> LipSyncer:
-    settings = Settings(weights_dir=tmp_path_factory.mktemp("no_weights"), allow_synthetic_weights=True, device="cpu")
-    return LipSyncer(settings)
-
-
-@pytest.fixture
-def fresh(syncer) -> LipSyncer:
-    syncer.clear_face_cache()
-    return syncer
 
 
 @pytest.fixture
