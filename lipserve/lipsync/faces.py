@@ -188,8 +188,9 @@ class HaarDetector(FaceDetector):
     weights are never used to serve: they find no faces, only noise.
 
     The cascade runs on the plain grey picture as OpenCV's own samples do: histogram equalisation
-    and a cut on the cascade's confidence each lost real faces on the recall benchmark (the
-    equalised picture also invents faces in crowds and foliage). The cascade's box ends near the
+    and a fixed cut on the cascade's confidence each lost real faces on the recall benchmark (the
+    equalised picture also invents faces in crowds). Its confidence only ranks the hits of one
+    frame: the largest of those near the best is taken. The cascade's box ends near the
     chin line, a little higher than S3FD's (which the Wav2Lip crops were trained with), so the
     bottom edge is lowered by CHIN_EXTENSION of the height.
     """
@@ -200,6 +201,7 @@ class HaarDetector(FaceDetector):
     NEIGHBOURS = 5          # OpenCV's usual setting
     LENIENT_NEIGHBOURS = 2  # the second look: a face that only a couple of windows agree on
     MIN_SIDE = 24           # the cascade's own window
+    CONFIDENT_SHARE = 0.5   # hits under this share of the frame's best confidence are not the subject
 
     def __init__(self):
         path = cv2.data.haarcascades + self.CASCADE
@@ -213,12 +215,19 @@ class HaarDetector(FaceDetector):
         for frame in frames:
             gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
             with self._lock:
-                faces = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=neighbours or self.NEIGHBOURS,
-                                                      minSize=(self.MIN_SIDE, self.MIN_SIDE))
+                faces, _, confidence = self.cascade.detectMultiScale3(
+                    gray, scaleFactor=1.1, minNeighbors=neighbours or self.NEIGHBOURS,
+                    minSize=(self.MIN_SIDE, self.MIN_SIDE), outputRejectLevels=True)
             if len(faces) == 0:
                 found.append(None)
                 continue
-            x, y, w, h = max(faces, key=lambda f: f[2] * f[3])  # the largest face: the selfie's subject
+            # the largest of the confident hits is the selfie's subject; a weak hit beside the face
+            # (clutter, a cup's edge) can be larger than it
+            confidence = np.ravel(confidence)
+            best = float(confidence.max())
+            floor = self.CONFIDENT_SHARE * best if best > 0 else best  # level weights can be negative
+            confident = [f for f, c in zip(faces, confidence) if c >= floor]
+            x, y, w, h = max(confident, key=lambda f: f[2] * f[3])
             bottom = min(frame.shape[0], y + h * (1 + self.CHIN_EXTENSION))
             found.append(np.array([x, y, x + w, bottom], dtype=np.float64))
         return found

@@ -681,6 +681,10 @@ class LipSyncer:
 
         keyframes = dict(entry.keyframes) if entry is not None else {}
         detected = 0
+        if info.n_frames == 1:  # a photo: its one detection can afford the whole picture
+            static_side = track_side = max(info.width, info.height)
+        else:
+            static_side, track_side = STATIC_MAX_SIDE, TRACK_MAX_SIDE
 
         def detect(indices, max_side: int) -> None:
             nonlocal detected
@@ -699,7 +703,7 @@ class LipSyncer:
             if any(b is not None for b in keyframes.values()):
                 return replace(entry, covered=info.n_frames), 0
             for i in spread_frames(want, STATIC_TRIES):  # one at a time: the first face ends the search
-                detect([i], STATIC_MAX_SIDE)
+                detect([i], static_side)
                 if keyframes[i] is not None:
                     break
             if not any(b is not None for b in keyframes.values()):
@@ -712,7 +716,7 @@ class LipSyncer:
         moving = entry.moving if entry is not None else False
         if mode == "auto" and not moving:
             covered = entry.covered if entry is not None else 0
-            detect(spread_frames(want, AUTO_PROBES, start=covered), TRACK_MAX_SIDE)
+            detect(spread_frames(want, AUTO_PROBES, start=covered), track_side)
             probes = [keyframes[i] for i in sorted(keyframes)]
             if all(b is not None for b in probes) and still_box(probes, AUTO_MIN_IOU, AUTO_MAX_SHIFT) is not None:
                 return _FaceEntry(info, self.detector.name, keyframes, want), detected
@@ -721,8 +725,8 @@ class LipSyncer:
         # track (and auto, once the head moved or went missing): every k-th frame and the last,
         # then the frames around each appearance / disappearance, so those are exact
         max_gap = self._max_gap(info)
-        detect(track_keyframes(want, options.track_every) + [want - 1], TRACK_MAX_SIDE)
-        detect(refine_frames(keyframes, want, max_gap), TRACK_MAX_SIDE)
+        detect(track_keyframes(want, options.track_every) + [want - 1], track_side)
+        detect(refine_frames(keyframes, want, max_gap), track_side)
         detected += self._second_look(keyframes, want, max_gap, frames_for, timings)
         self._require_a_face(keyframes)
         return _FaceEntry(info, self.detector.name, keyframes, want, moving=True), detected
