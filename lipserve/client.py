@@ -155,7 +155,7 @@ class Call(Generic[T]):
     method: str
     path: str
     parse: Callable[[httpx.Response], T]
-    send: dict = field(default_factory=dict)
+    keywords: dict = field(default_factory=dict)
 
 
 def _json(response: httpx.Response) -> dict:
@@ -263,7 +263,7 @@ class LipserveClient(_ClientBase):
         return self._retrying(Retrying, method)(self.http.request, method, path, **kwargs)
 
     def _run(self, call: Call[T]) -> T:
-        return call.parse(self.send(call.method, call.path, **call.send))
+        return call.parse(self.send(call.method, call.path, **call.keywords))
 
     def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                   options: RequestOptions | dict | None = None, *, request_id: str | None = None) -> LipVideoResponse:
@@ -319,7 +319,7 @@ class AsyncLipserveClient(_ClientBase):
         return await self._retrying(AsyncRetrying, method)(self.http.request, method, path, **kwargs)
 
     async def _run(self, call: Call[T]) -> T:
-        return call.parse(await self.send(call.method, call.path, **call.send))
+        return call.parse(await self.send(call.method, call.path, **call.keywords))
 
     async def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                         options: RequestOptions | dict | None = None, *,
