@@ -1,10 +1,11 @@
-"""A small thread-safe bounded LRU, and the content hash caches are keyed by."""
+"""A small thread-safe bounded LRU (cachetools' eviction, with hit counts), and the content hash caches are keyed by."""
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from typing import Generic, TypeVar
+
+import cachetools
 
 V = TypeVar("V")
 
@@ -18,33 +19,31 @@ def content_key(data: bytes | memoryview, *parts: str) -> str:
 
 
 class LRUCache(Generic[V]):
+    """At most `maxsize` entries, the least recently used dropped first; 0 keeps nothing."""
+
     def __init__(self, maxsize: int):
         self.maxsize = max(0, int(maxsize))
-        self._data: OrderedDict[str, V] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: cachetools.LRUCache[str, V] = cachetools.LRUCache(self.maxsize)
+        self._lock = threading.Lock()  # the stages run in worker threads, several requests at once
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> V | None:
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
+            if key in self._entries:
                 self.hits += 1
-                return self._data[key]
+                return self._entries[key]  # a read marks the entry as the most recently used
             self.misses += 1
             return None
 
     def put(self, key: str, value: V) -> None:
-        if self.maxsize == 0:
+        if self.maxsize == 0:  # cachetools refuses an entry larger than the whole cache
             return
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
+            self._entries[key] = value
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._entries)
 
     def stats(self) -> dict:
-        return {"size": len(self._data), "maxsize": self.maxsize, "hits": self.hits, "misses": self.misses}
+        return {"size": len(self._entries), "maxsize": self.maxsize, "hits": self.hits, "misses": self.misses}

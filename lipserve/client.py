@@ -6,10 +6,11 @@
         job = client.submit_job("A longer sentence ...", "gs://bucket/me.mp4", "gs://bucket/me-long.mp4")
         answer = client.wait_job(job.job_id)            # polls GET /api/v1/jobs/{id}
 
-`AsyncLipserveClient` has the same methods, awaitable. Requests are built with the server's own
-models (lipserve.contract), so a bad field fails here, before anything is sent; answers are
-parsed into the same models. A failure the server answers raises `LipserveHTTPError` with its
-status, `code`, message and request id.
+`AsyncLipserveClient` has the same methods, awaitable. Both build every call with one `Call`
+builder and retry it with one `RetryPolicy` (tenacity's `Retrying` or `AsyncRetrying`); only the
+send itself differs. Requests are built with the server's own models (lipserve.contract), so a
+bad field fails here, before anything is sent; answers are parsed into the same models. A failure
+the server answers raises `LipserveHTTPError` with its status, `code`, message and request id.
 
 Retries (`RetryPolicy`), chosen so that retrying is never what makes a request go wrong:
 
@@ -33,13 +34,16 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception_type, retry_if_result
 
 from .contract import JobStatus, LipVideoRequest, LipVideoResponse, RequestOptions, UploadResult
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a synchronous request may take minutes on a CPU
+
+T = TypeVar("T")
 
 
 class LipserveHTTPError(Exception):
@@ -79,32 +83,60 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _failed(response: httpx.Response) -> bool:
+    return response.status_code >= 400
+
+
+def _raise_final_error(state: RetryCallState) -> None:
+    """The error the last attempt ended with: the server's answer, or why it could not be reached."""
+    if state.outcome.failed:
+        exc = state.outcome.exception()
+        message = f"{type(exc).__name__}: {exc}"
+        raise LipserveHTTPError(0, "unreachable", message, attempts=state.attempt_number) from exc
+    raise LipserveHTTPError.from_response(state.outcome.result(), state.attempt_number)
+
+
 @dataclass
 class RetryPolicy:
+    """When to send a call again and how long to wait first; `retrying` makes it tenacity's."""
+
     max_attempts: int = 5
     budget_s: float = 120.0        # seconds of waiting between attempts, in all
     max_delay_s: float = 60.0      # the longest single wait the client accepts
     backoff_s: float = 0.5         # first wait when the server names none; doubles each time
     retry_statuses: frozenset[int] = field(default_factory=lambda: frozenset({503}))
 
-    def delay(self, attempt: int, waited: float, *, status: int | None = None, retry_after: float | None = None,
-              error: Exception | None = None, idempotent: bool = False) -> float | None:
-        """Seconds to wait before the next attempt, or None to give up now."""
-        if attempt >= self.max_attempts:
-            return None
-        if status is not None:
-            if status < 500 or status not in self.retry_statuses:
-                return None
-        elif not (isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
-                  or (idempotent and isinstance(error, (httpx.ReadTimeout, httpx.RemoteProtocolError)))):
-            return None
-        if retry_after is not None:
-            wait = retry_after
-        else:  # jitter spreads the callers a restart refused all at once
-            wait = self.backoff_s * (2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-        if wait > self.max_delay_s or waited + wait > self.budget_s:
-            return None
-        return wait
+    def retryable(self, state: RetryCallState, idempotent: bool) -> bool:
+        """Whether sending again can help: a listed 5xx, a connection never made, a GET's read timeout."""
+        if not state.outcome.failed:
+            status = state.outcome.result().status_code
+            return status >= 500 and status in self.retry_statuses
+        error = state.outcome.exception()
+        return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)) or (
+            idempotent and isinstance(error, (httpx.ReadTimeout, httpx.RemoteProtocolError)))
+
+    def wait(self, state: RetryCallState) -> float:
+        """The server's Retry-After when it names one, else the backoff for this attempt."""
+        if not state.outcome.failed:
+            retry_after = retry_after_seconds(state.outcome.result().headers.get("retry-after"))
+            if retry_after is not None:
+                return retry_after
+        # jitter spreads the callers a restart refused all at once
+        return self.backoff_s * (2 ** (state.attempt_number - 1)) * random.uniform(0.8, 1.2)
+
+    def gives_up(self, state: RetryCallState, idempotent: bool) -> bool:
+        """After this attempt: out of attempts, not worth retrying, or the next wait is too long."""
+        wait = state.upcoming_sleep
+        return (state.attempt_number >= self.max_attempts or not self.retryable(state, idempotent)
+                or wait > self.max_delay_s or state.idle_for + wait > self.budget_s)
+
+    def retrying(self, kind: type[Retrying] | type[AsyncRetrying], sleep: Callable, *,
+                 idempotent: bool) -> Retrying | AsyncRetrying:
+        """A tenacity controller for one call; every failed attempt goes to `gives_up`, so the final
+        one always ends as a LipserveHTTPError counting the attempts."""
+        return kind(sleep=sleep, wait=self.wait, stop=lambda state: self.gives_up(state, idempotent),
+                    retry=retry_if_exception_type(httpx.TransportError) | retry_if_result(_failed),
+                    retry_error_callback=_raise_final_error)
 
 
 def build_request(word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
@@ -116,40 +148,106 @@ def build_request(word: str, user_video_gs: str, output_video_gs: str, tts_lang:
     return request.model_dump(mode="json", exclude_unset=True)
 
 
-def _job_outcome(status: JobStatus) -> LipVideoResponse:
-    if status.status == "done":
-        return status.result
-    err = status.error
-    raise LipserveHTTPError(status.http_status or 500, err.code, err.message, err.request_id)
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One API call: what goes over the wire (httpx's request keywords) and how the answer becomes a result."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    keywords: dict = field(default_factory=dict)
 
 
-class _Base:
-    def __init__(self, url: str, token: str | None, retry: RetryPolicy | None):
-        self.url = url.rstrip("/")
-        self.retry = retry or RetryPolicy()
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+def _json(response: httpx.Response) -> dict:
+    return response.json()
 
-    def _plan(self, attempt: int, waited: float, method: str, response: httpx.Response | None = None,
-              error: Exception | None = None) -> float | None:
-        if response is not None:
-            return self.retry.delay(attempt, waited, status=response.status_code,
-                                    retry_after=retry_after_seconds(response.headers.get("retry-after")))
-        return self.retry.delay(attempt, waited, error=error, idempotent=method == "GET")
+
+def _model(model: type[T]) -> Callable[[httpx.Response], T]:
+    return lambda response: model.model_validate(response.json())
+
+
+class Calls:
+    """Every call of the API, built once for both clients."""
 
     @staticmethod
-    def _unreachable(exc: Exception, attempts: int) -> LipserveHTTPError:
-        return LipserveHTTPError(0, "unreachable", f"{type(exc).__name__}: {exc}", attempts=attempts)
+    def _video(path: str, answer: type[T], word: str, user_video_gs: str, output_video_gs: str, tts_lang: str,
+               options: RequestOptions | dict | None, request_id: str | None) -> Call[T]:
+        body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
+        headers = {"X-Request-ID": request_id} if request_id else {}
+        return Call("POST", path, _model(answer), {"json": body, "headers": headers})
+
+    @classmethod
+    def lip_video(cls, *request: Any) -> Call[LipVideoResponse]:
+        return cls._video("/api/v1/lip-video", LipVideoResponse, *request)
+
+    @classmethod
+    def submit_job(cls, *request: Any) -> Call[JobStatus]:
+        return cls._video("/api/v1/jobs", JobStatus, *request)
+
+    @staticmethod
+    def job(job_id: str) -> Call[JobStatus]:
+        return Call("GET", f"/api/v1/jobs/{job_id}", _model(JobStatus))
+
+    @staticmethod
+    def upload(path: str | Path) -> Call[UploadResult]:
+        path = Path(path)
+        headers = {"Content-Type": "application/octet-stream", "X-Filename": path.name}
+        return Call("POST", "/api/v1/uploads", _model(UploadResult), {"content": path.read_bytes(), "headers": headers})
+
+    @staticmethod
+    def health() -> Call[dict]:
+        return Call("GET", "/health", _json)
+
+    @staticmethod
+    def languages() -> Call[dict]:
+        return Call("GET", "/api/v1/languages", _json)
 
 
-class LipserveClient(_Base):
+class _JobWatch:
+    """What wait_job decides on each status it polls: the result, the job's error, a timeout, or poll again."""
+
+    def __init__(self, job_id: str, timeout_s: float | None, on_status: Callable[[JobStatus], None] | None):
+        self.job_id, self.timeout_s, self.on_status = job_id, timeout_s, on_status
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def outcome(self, status: JobStatus) -> LipVideoResponse | None:
+        """The response of a finished job (a failed one's error raised), or None to poll again."""
+        if self.on_status is not None:
+            self.on_status(status)
+        if status.status == "done":
+            return status.result
+        if status.status == "failed":
+            err = status.error
+            raise LipserveHTTPError(status.http_status or 500, err.code, err.message, err.request_id)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"job {self.job_id} still {status.status} after {self.timeout_s:g} s")
+        return None
+
+
+class _ClientBase:
+    """What both clients share: the address, the bearer token, timeouts, the calls and the retry policy."""
+
+    def __init__(self, url: str, token: str | None, retry: RetryPolicy | None, sleep: Callable,
+                 timeout: float | httpx.Timeout, transport: Any):
+        self.url = url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http_options = {"base_url": self.url, "timeout": timeout, "headers": self.headers,
+                              "transport": transport}
+
+    def _retrying(self, kind: type[Retrying] | type[AsyncRetrying], method: str) -> Retrying | AsyncRetrying:
+        return self.retry.retrying(kind, self.sleep, idempotent=method == "GET")
+
+
+class LipserveClient(_ClientBase):
     """Synchronous client. `sleep` is how it waits between attempts (tests pass a recorder)."""
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
                  retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
                  transport: httpx.BaseTransport | None = None):
-        super().__init__(url, token, retry)
-        self.sleep = sleep
-        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers, transport=transport)
+        super().__init__(url, token, retry, sleep, timeout, transport)
+        self.http = httpx.Client(**self._http_options)
 
     def __enter__(self) -> "LipserveClient":
         return self
@@ -162,79 +260,51 @@ class LipserveClient(_Base):
 
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One call with the retry policy; raises LipserveHTTPError on a final failure."""
-        waited = 0.0
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                delay = self._plan(attempt, waited, method, error=exc)
-                if delay is None:
-                    raise self._unreachable(exc, attempt) from exc
-            else:
-                if response.status_code < 400:
-                    return response
-                delay = self._plan(attempt, waited, method, response=response)
-                if delay is None:
-                    raise LipserveHTTPError.from_response(response, attempt)
-            self.sleep(delay)
-            waited += delay
+        return self._retrying(Retrying, method)(self.http.request, method, path, **kwargs)
+
+    def _run(self, call: Call[T]) -> T:
+        return call.parse(self.send(call.method, call.path, **call.keywords))
 
     def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                   options: RequestOptions | dict | None = None, *, request_id: str | None = None) -> LipVideoResponse:
         """POST /api/v1/lip-video: the video, written to output_video_gs, when the call returns."""
-        body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
-        headers = {"X-Request-ID": request_id} if request_id else {}
-        return LipVideoResponse.model_validate(self.send("POST", "/api/v1/lip-video", json=body, headers=headers).json())
+        return self._run(Calls.lip_video(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
 
     def submit_job(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                    options: RequestOptions | dict | None = None, *, request_id: str | None = None) -> JobStatus:
         """POST /api/v1/jobs: the same request, accepted at once (202)."""
-        body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
-        headers = {"X-Request-ID": request_id} if request_id else {}
-        return JobStatus.model_validate(self.send("POST", "/api/v1/jobs", json=body, headers=headers).json())
+        return self._run(Calls.submit_job(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
 
     def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self.send("GET", f"/api/v1/jobs/{job_id}").json())
+        return self._run(Calls.job(job_id))
 
     def wait_job(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
                  on_status: Callable[[JobStatus], None] | None = None) -> LipVideoResponse:
         """Poll until the job is done (its response) or failed (its error, raised)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            status = self.job(job_id)
-            if on_status is not None:
-                on_status(status)
-            if status.status in ("done", "failed"):
-                return _job_outcome(status)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status.status} after {timeout_s:g} s")
+        watch = _JobWatch(job_id, timeout_s, on_status)
+        while (answer := watch.outcome(self.job(job_id))) is None:
             self.sleep(poll_s)
+        return answer
 
     def upload(self, path: str | Path) -> UploadResult:
         """POST /api/v1/uploads: a local video into the server's storage root (use `.uri` as the source)."""
-        path = Path(path)
-        response = self.send("POST", "/api/v1/uploads", content=path.read_bytes(),
-                             headers={"Content-Type": "application/octet-stream", "X-Filename": path.name})
-        return UploadResult.model_validate(response.json())
+        return self._run(Calls.upload(path))
 
     def health(self) -> dict:
-        return self.send("GET", "/health").json()
+        return self._run(Calls.health())
 
     def languages(self) -> dict:
-        return self.send("GET", "/api/v1/languages").json()
+        return self._run(Calls.languages())
 
 
-class AsyncLipserveClient(_Base):
+class AsyncLipserveClient(_ClientBase):
     """The same client for asyncio."""
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
                  retry: RetryPolicy | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(url, token, retry)
-        self.sleep = sleep
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=self.headers, transport=transport)
+        super().__init__(url, token, retry, sleep, timeout, transport)
+        self.http = httpx.AsyncClient(**self._http_options)
 
     async def __aenter__(self) -> "AsyncLipserveClient":
         return self
@@ -246,64 +316,36 @@ class AsyncLipserveClient(_Base):
         await self.http.aclose()
 
     async def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        waited = 0.0
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = await self.http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                delay = self._plan(attempt, waited, method, error=exc)
-                if delay is None:
-                    raise self._unreachable(exc, attempt) from exc
-            else:
-                if response.status_code < 400:
-                    return response
-                delay = self._plan(attempt, waited, method, response=response)
-                if delay is None:
-                    raise LipserveHTTPError.from_response(response, attempt)
-            await self.sleep(delay)
-            waited += delay
+        return await self._retrying(AsyncRetrying, method)(self.http.request, method, path, **kwargs)
+
+    async def _run(self, call: Call[T]) -> T:
+        return call.parse(await self.send(call.method, call.path, **call.keywords))
 
     async def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                         options: RequestOptions | dict | None = None, *,
                         request_id: str | None = None) -> LipVideoResponse:
-        body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
-        headers = {"X-Request-ID": request_id} if request_id else {}
-        response = await self.send("POST", "/api/v1/lip-video", json=body, headers=headers)
-        return LipVideoResponse.model_validate(response.json())
+        return await self._run(Calls.lip_video(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
 
     async def submit_job(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                          options: RequestOptions | dict | None = None, *,
                          request_id: str | None = None) -> JobStatus:
-        body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
-        headers = {"X-Request-ID": request_id} if request_id else {}
-        return JobStatus.model_validate((await self.send("POST", "/api/v1/jobs", json=body, headers=headers)).json())
+        return await self._run(Calls.submit_job(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
 
     async def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate((await self.send("GET", f"/api/v1/jobs/{job_id}")).json())
+        return await self._run(Calls.job(job_id))
 
     async def wait_job(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None,
                        on_status: Callable[[JobStatus], None] | None = None) -> LipVideoResponse:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            status = await self.job(job_id)
-            if on_status is not None:
-                on_status(status)
-            if status.status in ("done", "failed"):
-                return _job_outcome(status)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {status.status} after {timeout_s:g} s")
+        watch = _JobWatch(job_id, timeout_s, on_status)
+        while (answer := watch.outcome(await self.job(job_id))) is None:
             await self.sleep(poll_s)
+        return answer
 
     async def upload(self, path: str | Path) -> UploadResult:
-        path = Path(path)
-        response = await self.send("POST", "/api/v1/uploads", content=path.read_bytes(),
-                                   headers={"Content-Type": "application/octet-stream", "X-Filename": path.name})
-        return UploadResult.model_validate(response.json())
+        return await self._run(Calls.upload(path))
 
     async def health(self) -> dict:
-        return (await self.send("GET", "/health")).json()
+        return await self._run(Calls.health())
 
     async def languages(self) -> dict:
-        return (await self.send("GET", "/api/v1/languages")).json()
+        return await self._run(Calls.languages())
