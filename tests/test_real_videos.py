@@ -133,7 +133,7 @@ def test_colours_and_tags_of_the_source_are_kept(fresh, size, colour, tags):
     source = media.decode_frames(clip, 5)
     output = media.decode_frames(result.mp4)
     plan = fresh.plan_faces(clip, options, 5)
-    x1, y1, x2, y2 = padded_crop_boxes(plan.boxes[:1], options.pads, size[0], size[1])[0]
+    x1, y1, x2, y2 = padded_crop_boxes(plan.boxes[:1], fresh.resolve(options).pads, size[0], size[1])[0]
     outside = np.ones(source.shape[1:3], dtype=bool)
     outside[y1:y2, x1:x2] = False
     shift = channel_shift(output[:, outside], source[:, outside])
