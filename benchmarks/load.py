@@ -1,6 +1,6 @@
 """Load against the local graph: N clients for M seconds at 1x, 2x and 4x the rate it sustains.
 
-Starts a private local Ray (deployments.local_ray), deploys serve_config.local.yaml (one replica
+Starts a private local Ray and deploys (devtools.local_graph) serve_config.local.yaml (one replica
 each, synthetic weights when weights/ holds no checkpoints, so timings are real and outputs are
 not meaningful) with local storage in a temp folder, and talks to it over HTTP on 127.0.0.1 only.
 
