@@ -33,7 +33,7 @@ sysdeps-demo:
 	@tools/sysdeps.sh $(DEMO_SYSTEM_PACKAGES)
 
 demo: sysdeps-demo $(STAMP)
-	$(VPY) -m deployments.demo
+	$(VPY) -m devtools.demo
 
 test: sysdeps-test $(STAMP)
 	$(VPY) -m pytest -q tests

@@ -60,12 +60,11 @@ def main() -> int:
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
     import httpx
-    import ray
     from ray import serve
 
+    from devtools.local_graph import local_graph
     from lipserve import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
-    from tests.fixtures.ray import free_port
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-scale-"))
     weights = data / "no-weights"
@@ -90,21 +89,16 @@ def main() -> int:
         "LipSyncer": {"autoscaling_config": autoscale, "num_replicas": "auto", "max_ongoing_requests": 2,
                       "ray_actor_options": {"num_cpus": 0.2}},
     }
-    metrics_port = free_port()
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port)
     stop = threading.Event()
     series: list[tuple[float, dict]] = []  # (seconds since load start, scrape)
     results: list[dict] = []
     replica_states: dict[str, list[tuple[float, dict]]] = {}  # deployment -> [(seconds, {state: count})] on change
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 900})
-        t = time.perf_counter()
-        app = build_app(LOCAL_CONFIG, overrides=overrides, env=env)
-        serve.run(app, name="lipserve", route_prefix="/")
-        print(f"deployed in {time.perf_counter() - t:.1f}s with one replica per stage "
+    app = build_app(LOCAL_CONFIG, overrides=overrides, env=env)
+    with local_graph(app, port=args.port, request_timeout_s=900) as graph:
+        metrics_url = graph.cluster.metrics_url
+        print(f"local Ray up and deployed in {graph.deploy_s:.1f}s with one replica per stage "
               f"(warm-up {'off' if args.no_warmup else 'on'})", flush=True)
-        url = f"http://127.0.0.1:{args.port}/api/v1/lip-video"
+        url = f"{graph.url}/api/v1/lip-video"
         with httpx.Client(timeout=900) as client:  # one request first: the "old" replicas have served
             r = client.post(url, json={"word": TEXT, "user_video_gs": "src.mp4", "output_video_gs": "out/first.mp4",
                                        "tts_lang": "en", "options": {"overwrite": True, "face_mode": "track"}})
@@ -153,10 +147,7 @@ def main() -> int:
         poller.join()
         status = serve.status().applications["lipserve"].deployments
         running = {name: dict(d.replica_states) for name, d in status.items()}
-    finally:
         stop.set()
-        serve.shutdown()
-        ray.shutdown()
 
     print("\nreplica states of the scaled deployments over the load (seconds since it began):")
     for name, changes in replica_states.items():

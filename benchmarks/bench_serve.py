@@ -37,9 +37,8 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import httpx
-    import ray
-    from ray import serve
 
+    from devtools.local_graph import local_graph
     from lipserve import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
@@ -48,13 +47,9 @@ def main() -> int:
     weights = ROOT / "weights"
     env = {"LIPSERVE_STORAGE_ROOT": str(data), "LIPSERVE_WEIGHTS_DIR": str(weights),
            "LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS": "1", "LIPSERVE_TTS_ORDER": "piper"}
-    t = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build_app(LOCAL_CONFIG, env=env), name="lipserve", route_prefix="/")
-        print(f"ray.init + deploy (models load in the replicas): {time.perf_counter() - t:.1f}s")
-        url = f"http://127.0.0.1:{args.port}/api/v1/lip-video"
+    with local_graph(build_app(LOCAL_CONFIG, env=env), port=args.port) as graph:
+        print(f"local Ray + deploy (models load in the replicas): {graph.deploy_s:.1f}s")
+        url = f"{graph.url}/api/v1/lip-video"
 
         def post(i: int, text: str):
             body = {"word": text, "user_video_gs": "src.mp4", "output_video_gs": f"out/{i}.mp4", "tts_lang": "en"}
@@ -77,9 +72,6 @@ def main() -> int:
         print(f"two concurrent requests done in {both:.2f}s")
         if synthetic:
             print("NOTE: synthetic weights (no checkpoints): timings are real, outputs are not meaningful")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Load against the local graph: N clients for M seconds at 1x, 2x and 4x the rate it sustains.
 
-Starts a private local Ray (deployments.local_ray), deploys serve_config.local.yaml (one replica
+Starts a private local Ray and deploys (devtools.local_graph) serve_config.local.yaml (one replica
 each, synthetic weights when weights/ holds no checkpoints, so timings are real and outputs are
 not meaningful) with local storage in a temp folder, and talks to it over HTTP on 127.0.0.1 only.
 
@@ -46,35 +46,24 @@ class Graph:
         self.port, self.request_timeout_s = port, request_timeout_s
         self.extra_env, self.user_config = extra_env or {}, user_config or {}
         self.data = Path(tempfile.mkdtemp(prefix="lipserve-load-"))
-        self.cluster = None
+        self.graph = None  # the running local_graph's context manager
 
     def __enter__(self) -> "Graph":
-        from ray import serve
-
-        from deployments.local_ray import LocalRay
+        from devtools.local_graph import local_graph
         from pipeline_graph import LOCAL_CONFIG, build_app
 
         env = {"LIPSERVE_STORAGE_ROOT": str(self.data), "LIPSERVE_WEIGHTS_DIR": str(ROOT / "weights"),
                "LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS": "1", "LIPSERVE_TTS_ORDER": "piper",
                "LIPSERVE_REQUEST_TIMEOUT_S": str(self.request_timeout_s), **self.extra_env}
-        t = time.perf_counter()
-        self.cluster = LocalRay().start()
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port,
-                                  "request_timeout_s": self.request_timeout_s + 30})
         overrides = {name: {"user_config": config} for name, config in self.user_config.items()}
-        serve.run(build_app(LOCAL_CONFIG, overrides=overrides, env=env), name=APP, route_prefix="/")
-        print(f"local Ray + graph up in {time.perf_counter() - t:.1f} s (Ray {self.cluster.start_s:.1f} s)", flush=True)
+        self.graph = local_graph(build_app(LOCAL_CONFIG, overrides=overrides, env=env), port=self.port,
+                                 request_timeout_s=self.request_timeout_s + 30, name=APP)
+        running = self.graph.__enter__()
+        print(f"local Ray + graph up in {running.deploy_s:.1f} s (Ray {running.cluster.start_s:.1f} s)", flush=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        from ray import serve
-
-        # as the demo stops its graph: serve.shutdown() would end with Ray's "(raylet) Task
-        # ServeController.graceful_shutdown failed" lines in the figures
-        try:
-            serve.delete(APP)
-        finally:
-            self.cluster.stop()
+        self.graph.__exit__(*exc)
 
     @property
     def url(self) -> str:

@@ -26,9 +26,11 @@ from typing import Awaitable, Callable
 
 import ray
 
-from lipserve.errors import InternalError, JobInterrupted, LipserveError
+from lipserve.errors import JobInterrupted, LipserveError
 from lipserve.jobs import JobBook
 from lipserve.pipeline import Progress
+
+from .errors import classify
 
 log = logging.getLogger("lipserve.jobs")
 
@@ -118,12 +120,8 @@ class JobRunner:
                                  "submit the job again")
             await self._fail(job_id, request_id, err, retention_s)
             raise
-        except LipserveError as err:
-            await self._fail(job_id, request_id, err, retention_s)
-        except Exception as exc:  # a bug: the caller sees 'internal', the log has the traceback
-            log.error("job %s (request %s) failed", job_id, request_id, exc_info=exc)
-            await self._fail(job_id, request_id, InternalError(f"internal error; quote request id {request_id}"),
-                             retention_s)
+        except Exception as exc:  # the route's error body; a bug is 'internal' and logged (classify)
+            await self._fail(job_id, request_id, classify(exc, request_id), retention_s)
         else:
             await self.store.finish.remote(job_id, result, retention_s)
 

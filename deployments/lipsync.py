@@ -12,16 +12,7 @@ from lipserve.pipeline import StageOutput
 from .common import StageReplica, replica_gpu_share, resolve
 
 
-@serve.deployment(
-    name="LipSyncer",
-    ray_actor_options={"num_cpus": 4, "num_gpus": 1},
-    max_ongoing_requests=2,
-    max_queued_requests=16,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=120,
-)
+@serve.deployment(name="LipSyncer")  # its resources and limits: the serve configs
 class LipSyncDeployment(StageReplica):
     stage = "lipsync"
     stage_module = "lipserve.lipsync"

@@ -8,16 +8,7 @@ from lipserve.pipeline import StageOutput
 from .common import StageReplica
 
 
-@serve.deployment(
-    name="SpeechSynthesizer",
-    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
-    max_ongoing_requests=4,
-    max_queued_requests=32,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=30,
-)
+@serve.deployment(name="SpeechSynthesizer")  # its resources and limits: the serve configs
 class SpeechDeployment(StageReplica):
     stage = "tts"
     stage_module = "lipserve.tts"

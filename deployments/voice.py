@@ -12,16 +12,7 @@ from lipserve.pipeline import StageOutput, convert_voice
 from .common import StageReplica, replica_gpu_share, resolve
 
 
-@serve.deployment(
-    name="VoiceConverter",
-    ray_actor_options={"num_cpus": 2, "num_gpus": 0.5},
-    max_ongoing_requests=2,
-    max_queued_requests=16,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=60,
-)
+@serve.deployment(name="VoiceConverter")  # its resources and limits: the serve configs
 class VoiceDeployment(StageReplica):
     stage = "voice"
     stage_module = "lipserve.voice"

@@ -1,6 +1,7 @@
 """The FastAPI app the ingress serves, and what it needs beyond the ingress's routes: the schema
 (FastAPI's own 422 entries dropped, since validation failures are answered as lipserve's 400),
-the /docs and /redoc pages from the package (no CDN), the JSON-body middleware, the try-it page.
+the /docs and /redoc pages from the package (no CDN), the middleware (the edge, outermost, then
+JSON bodies), the try-it page.
 
 The routes themselves are the Ingress's methods (deployments/ingress.py), registered on this app.
 """
@@ -16,7 +17,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from lipserve import web
-from lipserve.errors import InputTooLarge
+
+from .edge import EdgeGuard, route_path, serving_edge
 
 # the API's JSON bodies are read as JSON whatever their Content-Type says, as the route always did
 JSON_BODY_PATHS = ("/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs")
@@ -79,18 +81,14 @@ class JSONBodies:
         self.app, self.paths = asgi_app, paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):] or "/"
-            if path in self.paths:
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in self.paths:
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
         await self.app(scope, receive, send)
 
 
 app.add_middleware(JSONBodies, paths=JSON_BODY_PATHS)
+app.add_middleware(EdgeGuard, config=serving_edge)  # added last: it runs first
 
 
 @app.get("/", include_in_schema=False)
@@ -98,12 +96,3 @@ async def page() -> HTMLResponse:
     """A page to try it: pick or name a video, type a sentence, watch the stages, play the result."""
     return HTMLResponse(web.page_html())
 
-
-async def read_at_most(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes `limit` bytes."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise InputTooLarge(f"the upload is larger than the limit of {limit} bytes", field="body")
-    return bytes(data)

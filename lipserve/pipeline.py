@@ -3,8 +3,8 @@
 The orchestration is written once, in `orchestrate()`, against a small `Stages` interface:
 
 * `LocalStages` runs the lipserve classes in this process (threads), for the CLI and tests;
-* the Ray Serve ingress (deployments/ingress.py) implements the same interface with handles to
-  the stage deployments.
+* the Ray Serve ingress implements the same interface with handles to the stage deployments
+  (deployments/stages.py).
 
 So both paths validate the same way, overlap the same branches and build the same response.
 The pure helpers (`preflight`, `check_video`, `lipsync_options`, `build_response`, ...) are the

@@ -21,7 +21,7 @@ def test_demo_makes_a_playable_video_and_says_the_weights_are_synthetic(tmp_path
     # every process the demo starts (its Ray: GCS, raylet, agents, replicas) inherits this
     marker = f"lipserve-demo-{uuid.uuid4().hex}"
     run = subprocess.run(
-        [sys.executable, "-m", "deployments.demo", "--data", str(tmp_path / "data"), "--weights", str(empty_weights),
+        [sys.executable, "-m", "devtools.demo", "--data", str(tmp_path / "data"), "--weights", str(empty_weights),
          "--port", str(free_port()), "--seconds", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TEST_PROCESS_MARKER": marker},
     )

@@ -12,21 +12,28 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
 
-from deployments import ingress
+from deployments import edge, errors, ingress, stages
+from deployments.admission import AdmissionGate, InFlight
 from lipserve.errors import BodyTooLarge, StageUnavailable, Unauthorized, public_message
 
 TOKEN = "s3cret-token-value"
 
 
+def _serving(monkeypatch, replica) -> None:
+    """Serve's replica context, as a route (and the edge) finds it inside a replica."""
+    from ray import serve
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica))
+
+
 @pytest.fixture
-def edge_config(tmp_path):
-    saved = (ingress.edge.token, ingress.edge.max_body_bytes, ingress.edge.storage_root)
-    ingress.edge.token, ingress.edge.max_body_bytes, ingress.edge.storage_root = TOKEN, 1000, str(tmp_path)
-    yield ingress.edge
-    ingress.edge.token, ingress.edge.max_body_bytes, ingress.edge.storage_root = saved
+def edge_config(tmp_path, monkeypatch):
+    config = edge.EdgeConfig(token=TOKEN, max_body_bytes=1000, storage_root=str(tmp_path))
+    _serving(monkeypatch, SimpleNamespace(edge=config))  # the real app's guard reads the serving replica's
+    yield config
 
 
-def _toy_app(seen: list):
+def _toy_app(seen: list, config: edge.EdgeConfig):
     """A stand-in app behind the same guard: records what reached it."""
     app = FastAPI()
 
@@ -41,7 +48,7 @@ def _toy_app(seen: list):
         seen.append("health")
         return {"status": "ok"}
 
-    app.add_middleware(ingress.EdgeGuard)
+    app.add_middleware(edge.EdgeGuard, config=lambda: config)
     return app
 
 
@@ -77,7 +84,7 @@ def test_every_route_of_the_ingress_but_the_public_pages_needs_the_token(edge_co
         async with _client(ingress.app) as client:
             answers = {}
             for method, path in paths:
-                if path in ingress.PUBLIC_PATHS or path.startswith(ingress.PUBLIC_PREFIXES):
+                if path in edge.PUBLIC_PATHS or path.startswith(edge.PUBLIC_PREFIXES):
                     continue
                 for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
                     r = await client.request(method, path, headers=headers)
@@ -89,14 +96,14 @@ def test_every_route_of_the_ingress_but_the_public_pages_needs_the_token(edge_co
     for key, (status, body) in answers.items():
         assert status == 401 and body["error"]["code"] == "unauthorized", key
         assert TOKEN not in json.dumps(body)
-    assert ingress.PUBLIC_PATHS == {"/health", "/", "/docs", "/redoc", "/openapi.json"}
-    assert ingress.PUBLIC_PREFIXES == ("/docs-assets/",)
+    assert edge.PUBLIC_PATHS == {"/health", "/", "/docs", "/redoc", "/openapi.json"}
+    assert edge.PUBLIC_PREFIXES == ("/docs-assets/",)
     assert ("POST", "/api/v1/uploads") in paths and ("GET", "/api/v1/jobs/job_id") in paths
 
 
 def test_a_body_over_the_limit_is_refused_before_the_app_reads_it(edge_config):
     seen: list = []
-    app = _toy_app(seen)
+    app = _toy_app(seen, edge_config)
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     async def chunks(n_chunks: int, size: int):
@@ -131,17 +138,17 @@ def test_limit_body_never_reads_a_body_whose_declared_length_is_over():
 
     headers = Headers(raw=[(b"content-length", b"2000000")])
     with pytest.raises(BodyTooLarge):
-        asyncio.run(ingress.limit_body(headers, receive, 1_000_000))
+        asyncio.run(edge.limit_body(headers, receive, 1_000_000))
     assert reads == []
 
 
 def test_bearer_check():
-    ingress.check_bearer("", None)  # no token configured: open
-    ingress.check_bearer(f"Bearer {TOKEN}", TOKEN)
-    ingress.check_bearer(f"bearer  {TOKEN}", TOKEN)
+    edge.check_bearer("", None)  # no token configured: open
+    edge.check_bearer(f"Bearer {TOKEN}", TOKEN)
+    edge.check_bearer(f"bearer  {TOKEN}", TOKEN)
     for header in ("", TOKEN, f"Basic {TOKEN}", "Bearer nope", f"Bearer {TOKEN}x"):
         with pytest.raises(Unauthorized):
-            ingress.check_bearer(header, TOKEN)
+            edge.check_bearer(header, TOKEN)
 
 
 def test_public_message_shows_no_traceback_path_or_credential(tmp_path):
@@ -163,7 +170,7 @@ def test_error_response_passes_messages_through_the_filter(edge_config, tmp_path
     from lipserve.errors import StorageUnavailable
 
     exc = StorageUnavailable(f"gs://b/x: storage unreachable (OSError: /var/lib/secret.sock; token={TOKEN})")
-    body = json.loads(ingress.error_response(exc, "rid").body)
+    body = json.loads(edge_config.answer(exc, "rid").body)
     message = body["error"]["message"]
     assert "/var/lib" not in message and TOKEN not in message and message.startswith("gs://b/x: storage unreachable")
 
@@ -180,18 +187,18 @@ def test_a_dead_stage_replica_is_a_503_naming_the_stage():
 
     for failing in (dies, unavailable):
         with pytest.raises(StageUnavailable) as info:
-            asyncio.run(ingress.from_stage("VoiceConverter", "voice", failing()))
+            asyncio.run(stages.from_stage("VoiceConverter", "voice", failing()))
         err = info.value
         assert err.status == 503 and err.code == "stage_unavailable" and err.retry_after
         body = err.to_dict("rid")["error"]
         assert body["stage"] == "VoiceConverter" and "VoiceConverter" in body["message"]
-    r = ingress.error_response(info.value, "rid")
+    r = errors.error_response(info.value, "rid")
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 5
 
 
 def test_in_flight_steps_and_gate_counts():
     async def scenario():
-        flight, gate = ingress.InFlight(), ingress.AdmissionGate(active=1, waiting=2)
+        flight, gate = InFlight(), AdmissionGate(active=1, waiting=2)
         release = asyncio.Event()
         snapshots = []
 
@@ -214,7 +221,7 @@ def test_in_flight_steps_and_gate_counts():
     assert after == (0, 0, {})
 
 
-def test_the_guard_reads_the_settings_of_an_ingress_shipped_by_value(tmp_path):
+def test_the_guard_reads_the_settings_of_an_ingress_shipped_by_value(tmp_path, monkeypatch):
     """Serve pickles the Ingress class by value (the module name `Ingress` is the deployment, not
     the class), so its methods run with copies of the module globals they name; the settings
     they give the edge must still reach the guard, which Serve imports by reference."""
@@ -222,11 +229,9 @@ def test_the_guard_reads_the_settings_of_an_ingress_shipped_by_value(tmp_path):
 
     shipped = cloudpickle.loads(cloudpickle.dumps(ingress.Ingress.func_or_class))
     replica = SimpleNamespace()  # configure() only sets attributes
-    saved = (ingress.edge.token, ingress.edge.max_body_bytes, ingress.edge.storage_root)
-    try:
-        shipped.configure(replica, {"settings": {"auth_token": "shipped-token", "max_body_bytes": 1234,
-                                        "storage_root": str(tmp_path)}})
-        assert (ingress.edge.token, ingress.edge.max_body_bytes) == ("shipped-token", 1234)
-        assert ingress.edge.storage_root == str(tmp_path.resolve())
-    finally:
-        ingress.edge.token, ingress.edge.max_body_bytes, ingress.edge.storage_root = saved
+    _serving(monkeypatch, replica)
+    shipped.configure(replica, {"settings": {"auth_token": "shipped-token", "max_body_bytes": 1234,
+                                    "storage_root": str(tmp_path)}})
+    guarded = edge.serving_edge()  # what the guard in front of the real app reads
+    assert (guarded.token, guarded.max_body_bytes) == ("shipped-token", 1234)
+    assert guarded.storage_root == str(tmp_path.resolve())

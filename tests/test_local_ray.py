@@ -1,15 +1,20 @@
-"""deployments.local_ray without starting Ray: the start command leaves the raylet nothing to wait
-for, the ports it picks cannot be handed to anyone else, and stop finds and waits for every process."""
+"""devtools.local_ray without starting Ray: the start command leaves the raylet nothing to wait
+for, the ports it picks cannot be handed to anyone else, and stop finds and waits for every process;
+and every private Ray hook it leans on is still there in the installed Ray."""
 from __future__ import annotations
 
+import importlib
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 
-from deployments import local_ray
-from deployments.local_ray import AGENT_PORT_FLAGS, LocalRay
+from pathlib import Path
+
+from devtools import local_ray
+from devtools.local_ray import AGENT_PORT_FLAGS, LocalRay
 
 
 def test_every_agent_port_is_chosen_up_front(tmp_path):
@@ -83,3 +88,48 @@ def test_the_raylet_is_found_and_told_the_listen_port_where_it_waits(tmp_path):
     local_ray.publish_listen_port(str(tmp_path), node_id, 23456)
     assert (tmp_path / get_port_filename(node_id, DASHBOARD_AGENT_LISTEN_PORT_NAME)).read_text().strip() == "23456"
     assert local_ray.raylet_identity({fake.pid}) is None  # gone
+
+
+# every private piece of Ray that devtools/local_ray.py (and the demo's quiet_ray) uses: module, attribute path
+PRIVATE_RAY_HOOKS = [
+    ("ray._raylet", "DASHBOARD_AGENT_LISTEN_PORT_NAME"),  # the file the raylet waits for
+    ("ray._raylet", "persist_port"),                      # how the agent writes that file
+    ("ray._raylet", "get_port_filename"),                 # its name (the test above reads it back)
+    ("ray._raylet", "Config.initialize"),                 # re-read RAY_AUTH_MODE in this driver
+    ("ray._raylet", "AuthenticationTokenLoader.instance"),
+    ("ray._raylet", "AuthenticationTokenLoader.reset_cache"),
+    ("ray._private.authentication.authentication_token_setup", None),  # the logger the demo quiets
+]
+
+
+def test_every_private_ray_hook_local_ray_uses_is_still_there():
+    """A Ray upgrade that moves or removes one fails here, by name, not as a hung start."""
+    missing = []
+    for module_name, path in PRIVATE_RAY_HOOKS:
+        try:
+            target = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(module_name)
+            continue
+        for part in path.split(".") if path else []:
+            if not hasattr(target, part):
+                missing.append(f"{module_name}.{path}")
+                break
+            target = getattr(target, part)
+    assert not missing, f"private Ray hooks gone in Ray {__import__('ray').__version__}: {missing}"
+    # the list is complete: every private module the dev tools import is on it
+    listed = {module for module, _ in PRIVATE_RAY_HOOKS}
+    tools = Path(local_ray.__file__).parent
+    used = {m for f in ("local_ray.py", "demo.py", "local_graph.py")
+            for m in re.findall(r"\b(ray(?:\.\w+)*\._\w+(?:\.\w+)*)", (tools / f).read_text())}
+    assert used <= listed, f"private Ray modules used but not checked here: {sorted(used - listed)}"
+
+
+def test_ray_start_still_takes_every_flag_local_ray_gives_it(tmp_path):
+    from ray.scripts.scripts import start
+
+    cluster = LocalRay(num_cpus=2, num_gpus=2)
+    cluster.temp_dir = tmp_path
+    known = {option for param in start.params for option in param.opts}
+    given = {arg for arg in cluster.command(list(range(2 + len(AGENT_PORT_FLAGS)))) if arg.startswith("--")}
+    assert given <= known, f"`ray start` no longer takes {sorted(given - known)}"

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from deployments import ingress
+from deployments import errors, ingress
+from deployments.admission import AdmissionGate
 from lipserve.contract import EXAMPLE_REQUEST
 from lipserve.errors import NoFaceFound, Overloaded, Timeout
 from lipserve.pipeline import gather_or_cancel, with_timeout
@@ -19,24 +20,24 @@ def test_errors_from_replicas_and_serve_map_to_named_errors():
 
     cause = NoFaceFound("no face in the first frames")
     wrapped = RayTaskError("sync", "traceback text", cause).as_instanceof_cause()
-    mapped = ingress.to_lipserve_error(wrapped)
+    mapped = errors.named_error(wrapped)
     assert isinstance(mapped, NoFaceFound) and mapped.status == 422 and mapped.message == cause.message
-    assert isinstance(ingress.to_lipserve_error(BackPressureError(num_queued_requests=3, max_queued_requests=2)),
+    assert isinstance(errors.named_error(BackPressureError(num_queued_requests=3, max_queued_requests=2)),
                       Overloaded)
-    assert ingress.to_lipserve_error(ValueError("bug")) is None
+    assert errors.named_error(ValueError("bug")) is None
 
 
 def test_error_response_bodies_and_headers():
-    r = ingress.error_response(Overloaded("busy"), "rid-1")
+    r = errors.error_response(Overloaded("busy"), "rid-1")
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert b'"code":"overloaded"' in r.body and b'"request_id":"rid-1"' in r.body
-    r = ingress.error_response(KeyError("boom"), "rid-2")
+    r = errors.error_response(KeyError("boom"), "rid-2")
     assert r.status_code == 500 and b'"code":"internal"' in r.body and b"boom" not in r.body
 
 
 def test_admission_gate_refuses_beyond_active_plus_waiting():
     async def scenario():
-        gate = ingress.AdmissionGate(active=1, waiting=1)
+        gate = AdmissionGate(active=1, waiting=1)
         release = asyncio.Event()
         outcomes = []
 
@@ -64,7 +65,7 @@ def test_a_reserved_place_is_held_until_used_or_given_back():
     """Jobs reserve their place when accepted: the gate counts it at once; a place given back
     (cancelled before or while waiting, or handed a slot it never took) frees it for the next."""
     async def scenario():
-        gate = ingress.AdmissionGate(active=1, waiting=1)
+        gate = AdmissionGate(active=1, waiting=1)
         running = gate.reserve()            # takes the slot at once
         queued = gate.reserve()             # takes the one waiting place
         with pytest.raises(Overloaded):

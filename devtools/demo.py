@@ -4,7 +4,7 @@ On a fresh clone (no checkpoints in weights/) the stages run on synthetic weight
 so loudly: the pipeline is real end to end, the mouths and voice are not meaningful. With the
 checkpoints in weights/ (`lipserve weights fetch`) they are used.
 
-It lives beside the deployments, not in `lipserve/`, because it starts Ray.
+It lives in the development tools, not in the shipped package, because it starts a local Ray.
 """
 from __future__ import annotations
 
@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 
 import httpx
-from ray import serve
 
-from .local_ray import LocalRay
+from .local_graph import local_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 # what each stage loads; any one missing means that stage runs synthetic
 CHECKPOINT_FILES = ("wav2lip_gan.pth", "freevc.pth", "WavLM-Large.pt", "pretrained_bak_5805000.pt")
 
 BANNER = "!" * 78
-
 
 
 def quiet_ray() -> None:
@@ -42,30 +40,17 @@ def deploy_and_request(body: dict, env: dict[str, str], port: int = 8000, timeou
     """Returns {"status", "result" (the JSON answer), "wall_s" (HTTP round trip), "deploy_s"}."""
     from pipeline_graph import LOCAL_CONFIG, build_app
 
-    t0 = time.perf_counter()
     quiet_ray()
-    cluster = LocalRay().start()  # every core of this machine; stopped (and waited for) below
-    print(f"local Ray started in {cluster.start_s:.1f}s (temp dir {cluster.temp_dir})", flush=True)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout_s})
-        serve.run(build_app(LOCAL_CONFIG, env=env), name="lipserve", route_prefix="/")
-        deploy_s = time.perf_counter() - t0
-        print(f"graph deployed on a local Ray in {deploy_s:.1f}s (each replica loads its models and warms up "
-              "in its constructor, so the first request is as fast as later ones)", flush=True)
-        url = f"http://127.0.0.1:{port}/api/v1/lip-video"
+    with local_graph(build_app(LOCAL_CONFIG, env=env), port=port, request_timeout_s=timeout_s) as graph:
+        print(f"local Ray started in {graph.cluster.start_s:.1f}s; graph deployed on it in {graph.deploy_s:.1f}s "
+              "(each replica loads its models and warms up in its constructor, so the first request is as "
+              "fast as later ones)", flush=True)
+        url = f"{graph.url}/api/v1/lip-video"
         print(f"POST {url} {body}", flush=True)
         t = time.perf_counter()
         r = httpx.post(url, json=body, timeout=timeout_s)
         return {"status": r.status_code, "result": r.json() if r.headers.get("content-type", "").startswith(
-            "application/json") else {"text": r.text}, "wall_s": time.perf_counter() - t, "deploy_s": deploy_s}
-    finally:
-        # the app's replicas stop gracefully; then the whole local cluster goes (awaited) with
-        # cluster.stop(). Not serve.shutdown(): its controller call only ends when the controller is
-        # killed, which Ray reports as "(raylet) Task ServeController.graceful_shutdown failed ..."
-        try:
-            serve.delete("lipserve")
-        finally:
-            cluster.stop()
+            "application/json") else {"text": r.text}, "wall_s": time.perf_counter() - t, "deploy_s": graph.deploy_s}
 
 
 def loud(lines: list[str]) -> str:
@@ -73,7 +58,7 @@ def loud(lines: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--text", default="Hello! This video was made by lipserve.")
     parser.add_argument("--lang", default="en")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the generated source clip")
