@@ -1,9 +1,9 @@
 """Deterministic test clips built from a real face photo (scikit-image's astronaut).
 
-Used by tests, `make demo` and benchmarks; not part of the shipped package. Every clip is rendered from a pure
-function of time, so tests can ask where the face is (`face_box_at`) or what a
-frame should look like (`render_frame`) at any instant, including the instants
-of a variable-frame-rate clip.
+Used by tests, `make demo` and benchmarks; not shipped. Every clip is rendered from a pure
+function of time, so tests can ask where the face is (`face_box_at`) or what a frame should
+look like (`render_frame`) at any instant, including the instants of a variable-frame-rate clip.
+Clips are written with the service's own encoder parts (lipserve.media.Mp4Tracks).
 
 Sizes are (width, height) of the upright picture, as a viewer sees it.
 """
