@@ -139,7 +139,7 @@ for i in range(int(sys.argv[1])):
 
 
 def bench_process(requests: int, warmup: bool) -> dict:
-    from lipserve import testmedia
+    from devtools import testmedia
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-cold-"))
     weights = data / "no-weights"
@@ -183,7 +183,7 @@ def bench_serve(requests: int, warmup: bool, port: int) -> dict:
     import ray
     from ray import serve
 
-    from lipserve import testmedia
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-cold-"))

@@ -63,7 +63,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from lipserve import testmedia
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
     from tests.fixtures.ray import free_port
 

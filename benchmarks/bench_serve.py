@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from lipserve import testmedia
+    sys.path.insert(0, str(ROOT))  # devtools (the test clips) is not installed
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-bench-"))
