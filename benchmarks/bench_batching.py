@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-from lipserve import testmedia
-from lipserve.lipsync import LipSyncer, LipSyncOptions
-from lipserve.settings import Settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools (the test clips) is not installed
+
+from devtools import testmedia  # noqa: E402
+from lipserve.lipsync import LipSyncer, LipSyncOptions  # noqa: E402
+from lipserve.settings import Settings  # noqa: E402
 
 
 def concurrent_round(syncer: LipSyncer, video: bytes, speech, n: int, merge: bool) -> dict:

@@ -139,7 +139,7 @@ for i in range(int(sys.argv[1])):
 
 
 def bench_process(requests: int, warmup: bool) -> dict:
-    from lipserve import testmedia
+    from devtools import testmedia
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-cold-"))
     weights = data / "no-weights"
@@ -182,7 +182,7 @@ def bench_serve(requests: int, warmup: bool, port: int) -> dict:
     import httpx
 
     from devtools.local_graph import local_graph
-    from lipserve import testmedia
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-cold-"))

@@ -31,7 +31,7 @@ import scipy.io.wavfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lipserve import testmedia  # noqa: E402
+from devtools import testmedia  # noqa: E402
 from lipserve.cache import LRUCache  # noqa: E402
 from lipserve.contract import LipVideoRequest, RequestOptions  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lipserve import testmedia  # noqa: E402
+from devtools import testmedia  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402
 
 OFFICIAL_VOICE_2S = 0.87 + 0.90  # FACTS.md: FreeVC convert.py, WavLM + synthesis, ~2 s of speech

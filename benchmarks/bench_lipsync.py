@@ -22,20 +22,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from lipserve import media, testmedia
-from lipserve.audio.wav2lip_mel import melspectrogram
-from lipserve.lipsync import LipSyncer, LipSyncOptions
-from lipserve.lipsync.faces import S3FDDetector, detect_boxes, interpolate_track, padded_crop_boxes
-from lipserve.lipsync.syncer import mel_for_output
-from lipserve.models.s3fd import S3FD
-from lipserve.settings import Settings
-from lipserve.weights.synthetic import fill_synthetic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools (the test clips) is not installed
+
+from devtools import testmedia  # noqa: E402
+from lipserve import media  # noqa: E402
+from lipserve.audio.wav2lip_mel import melspectrogram  # noqa: E402
+from lipserve.lipsync import LipSyncer, LipSyncOptions  # noqa: E402
+from lipserve.lipsync.faces import S3FDDetector, detect_boxes, interpolate_track, padded_crop_boxes  # noqa: E402
+from lipserve.lipsync.syncer import mel_for_output  # noqa: E402
+from lipserve.models.s3fd import S3FD  # noqa: E402
+from lipserve.settings import Settings  # noqa: E402
+from lipserve.weights.synthetic import fill_synthetic  # noqa: E402
 
 STEPS = ("decode", "detect", "mel", "model", "paste", "encode")
 

@@ -6,11 +6,16 @@ Run with `python benchmarks/bench_media.py [--seconds 30] [--repeats 3]`.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from lipserve import media, testmedia
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools (the test clips) is not installed
+
+from devtools import testmedia  # noqa: E402
+from lipserve import media  # noqa: E402
 
 
 def best_of(fn, repeats: int):

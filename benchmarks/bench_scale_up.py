@@ -63,7 +63,7 @@ def main() -> int:
     from ray import serve
 
     from devtools.local_graph import local_graph
-    from lipserve import testmedia
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-scale-"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ def main() -> int:
 
     import httpx
 
+    sys.path.insert(0, str(ROOT))  # devtools (the test clips) is not installed
     from devtools.local_graph import local_graph
-    from lipserve import testmedia
+    from devtools import testmedia
     from pipeline_graph import LOCAL_CONFIG, build_app
 
     data = Path(tempfile.mkdtemp(prefix="lipserve-bench-"))

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lipserve import testmedia  # noqa: E402
+from devtools import testmedia  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402
 from lipserve.voice import VoiceConverter, prepare_reference  # noqa: E402
 

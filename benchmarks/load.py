@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures as cf
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -247,7 +248,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    from lipserve import testmedia
+    sys.path.insert(0, str(ROOT))  # devtools (the test clips) is not installed
+    from devtools import testmedia
 
     with Graph(args.port, args.request_timeout) as graph:
         testmedia.write_demo_clip(graph.data / "src.mp4", seconds=args.clip_seconds, size=(320, 240))

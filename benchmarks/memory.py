@@ -49,7 +49,8 @@ def main() -> int:
 
     import httpx
 
-    from lipserve import testmedia
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools (the test clips) is not installed
+    from devtools import testmedia
 
     sizes = {"LipSyncer": args.face_cache, "VoiceConverter": args.speaker_cache, "SpeechSynthesizer": args.tts_cache}
     env = {CACHES[name][1]: str(size) for name, size in sizes.items()}

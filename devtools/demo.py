@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     "but its voice and mouth movements are NOT meaningful.",
                     "Fetch the real checkpoints with `lipserve weights fetch`."]), flush=True)
 
-    from lipserve import media, testmedia
+    from devtools import testmedia
+    from lipserve import media
 
     source = data / "demo" / "astronaut.mp4"
     output = data / "demo" / "astronaut-says.mp4"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.batching import SharedForward, merge_enabled
 from lipserve.errors import GPUOutOfMemory
 from lipserve.gpu import OOM_ERRORS, BatchBudget, cap_memory, first_that_fits, forward_in_halves, memory_fraction

@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.lipsync import LipSyncOptions
 from lipserve.lipsync.faces import (AGREE_FRAMES, FaceDetector, HaarDetector, box_iou, detect_boxes, second_look)
 from lipserve.lipsync.syncer import TRACK_MAX_SIDE

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipserve import testmedia
+from devtools import testmedia
 from lipserve.audio.wav2lip_mel import melspectrogram
 from lipserve.fast import BOUNDS, backend
 from lipserve.fast import networks as fast_networks

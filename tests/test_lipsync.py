@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.errors import (InputTooLarge, InvalidField, NoFaceFound, ResolutionTooLarge, VideoTooLong,
                              WeightsMissing)
 from lipserve.lipsync import FacePlan, LipSyncer, LipSyncOptions, SyncResult

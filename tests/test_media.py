@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.errors import InvalidAudio, InvalidMedia
 
 

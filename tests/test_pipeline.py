@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.contract import FaceBox, LipVideoRequest, RequestOptions
 from lipserve.errors import (
     AudioTooLong,

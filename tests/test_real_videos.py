@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.lipsync import LipSyncOptions
 from lipserve.lipsync import syncer as syncer_module
 from lipserve.lipsync.faces import HaarDetector, box_iou, detect_boxes, padded_crop_boxes

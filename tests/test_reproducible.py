@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 
 
 def run_cli(tmp_path, weights_dir, out_name: str, seed: int | None) -> bytes:

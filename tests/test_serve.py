@@ -21,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.pipeline import STAGES
 from tests.fixtures.serve import (AUTH, CLIENT_TIMEOUT_S, JOB_LOST_AFTER_S, MAX_INPUT_BYTES, MAX_TEXT, MAX_VIDEO_S,
                                   REQUEST_TIMEOUT_S, TOKEN)

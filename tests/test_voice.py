@@ -9,7 +9,7 @@ import pytest
 import scipy.io.wavfile
 import torch
 
-from lipserve import testmedia
+from devtools import testmedia
 from lipserve.errors import InvalidAudio, NoVoiceFound
 from lipserve.settings import Settings
 from lipserve.voice import VoiceConverter, VoiceResult, prepare_reference, reference_from_audio, reference_from_video

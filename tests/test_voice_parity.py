@@ -12,7 +12,8 @@ import librosa
 import numpy as np
 import pytest
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.voice import reference_from_audio, reference_from_video
 from lipserve.voice.reference import TRIM_HOP_LENGTH, trim_silence
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipserve import media, testmedia
+from devtools import testmedia
+from lipserve import media
 from lipserve.pipeline import Pipeline
 from lipserve.settings import Settings
 from lipserve.voice import reference as reference_module
@@ -148,7 +149,7 @@ def test_the_cli_does_not_warm_up_for_its_one_request(tmp_path, monkeypatch):
 CHILD = r'''
 import json, sys
 from pathlib import Path
-from lipserve import testmedia
+from devtools import testmedia
 from lipserve.contract import LipVideoRequest, RequestOptions
 from lipserve.pipeline import Pipeline
 from lipserve.settings import Settings

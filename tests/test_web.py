@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lipserve import errors, testmedia, web
+from devtools import testmedia
+from lipserve import errors, web
 from lipserve.contract import EXAMPLE_REQUEST, ErrorBody, error_codes, error_responses, invalid_field, parse_request
 from lipserve.settings import Settings
 from lipserve.storage import Storage

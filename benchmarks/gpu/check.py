@@ -436,7 +436,7 @@ class KnownBoxDetector:
     name = "known-box"
 
     def detect(self, frames: np.ndarray) -> list[np.ndarray]:
-        from lipserve import testmedia
+        from devtools import testmedia
         from make_inputs import CLIP_SIZE
 
         height, width = frames.shape[1:3]

@@ -42,7 +42,7 @@ def fit(audio: np.ndarray, seconds: float) -> np.ndarray:
 
 
 def speech(seconds: int, synthetic: bool) -> tuple[np.ndarray, str]:
-    from lipserve import testmedia
+    from devtools import testmedia
 
     if not synthetic:
         try:
@@ -68,7 +68,7 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def make(out: Path, synthetic_speech: bool = False) -> dict:
-    from lipserve import testmedia
+    from devtools import testmedia
 
     out.mkdir(parents=True, exist_ok=True)
     clip = testmedia.astronaut_clip(seconds=CLIP_SECONDS, fps=CLIP_FPS, size=CLIP_SIZE, audio="speechlike")

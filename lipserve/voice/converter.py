@@ -85,7 +85,7 @@ def probe_speech(settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
         speech = tts.synthesize(PROBE_TEXT, "en", seed=0)
         reference = tts.synthesize(PROBE_REFERENCE_TEXT, "en", seed=1)
     except LipserveError as exc:
-        from ..testmedia import speechlike
+        from ..warmup import speechlike
 
         log.warning("voice: no offline TTS for the precision check (%s); using speech-like test signals", exc)
         return speechlike(4.0, CONTENT_RATE, seed=21), speechlike(4.0, CONTENT_RATE, seed=22), "speech-like test signal"

@@ -1,22 +1,26 @@
 """Deterministic test clips built from a real face photo (scikit-image's astronaut).
 
-Used by tests, `make demo` and benchmarks. Every clip is rendered from a pure
-function of time, so tests can ask where the face is (`face_box_at`) or what a
-frame should look like (`render_frame`) at any instant, including the instants
-of a variable-frame-rate clip.
+Used by tests, `make demo` and benchmarks; not shipped. Every clip is rendered from a pure
+function of time, so tests can ask where the face is (`face_box_at`) or what a frame should
+look like (`render_frame`) at any instant, including the instants of a variable-frame-rate clip.
+Clips are written with the service's own encoder parts (lipserve.media.Mp4Tracks).
 
 Sizes are (width, height) of the upright picture, as a viewer sees it.
 """
 from __future__ import annotations
 
+import io
 import math
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 
-from lipserve.media import Colour, _write_mp4
+from lipserve import media, warmup
+from lipserve.media import Colour
 
 SEED = 1234
 AUDIO_RATE = 44100  # like a phone's AAC track, so readers must resample to 16 kHz
@@ -138,39 +142,8 @@ def tone(seconds: float, sample_rate: int = AUDIO_RATE, frequency: float = 440.0
 
 
 def speechlike(seconds: float, sample_rate: int = AUDIO_RATE, seed: int = SEED) -> np.ndarray:
-    """A voiced, speech-shaped signal: a gliding ~120 Hz glottal source with formant-shaped
-    harmonics, cut into 4-6 Hz syllables grouped into words with short pauses.
-
-    Voiced on purpose: silence trimmers and voice-activity checks keep it, as they would speech.
-    """
-    rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
-    t = np.arange(n) / sample_rate
-    f0 = 120 + 18 * np.sin(2 * np.pi * 0.7 * t) + 6 * np.sin(2 * np.pi * 5.3 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    # Formants drift slowly so the spectrum changes like vowels do.
-    formants = [(600 + 200 * np.sin(2 * np.pi * 1.3 * t), 120), (1500 + 400 * np.sin(2 * np.pi * 0.9 * t + 1), 180),
-                (2600, 250)]
-    voiced = np.zeros(n)
-    for k in range(1, 40):
-        freq = k * f0
-        if np.all(freq > sample_rate / 2 - 200):
-            break
-        gain = sum(np.exp(-0.5 * ((freq - fc) / bw) ** 2) for fc, bw in formants) + 0.05 / k
-        gain = np.where(freq < sample_rate / 2 - 200, gain, 0.0)
-        voiced += gain * np.sin(k * phase)
-    # Syllable envelope: words of 2-4 syllables (0.14-0.26 s each), pauses of 0.12-0.3 s.
-    envelope = np.zeros(n)
-    pos = int(0.15 * sample_rate)
-    while pos < n:
-        for _ in range(rng.integers(2, 5)):
-            length = int(rng.uniform(0.14, 0.26) * sample_rate)
-            end = min(n, pos + length)
-            envelope[pos:end] = np.sin(np.pi * np.arange(end - pos) / length) ** 0.7 * rng.uniform(0.6, 1.0)
-            pos = end
-        pos += int(rng.uniform(0.12, 0.3) * sample_rate)
-    signal = voiced * envelope + rng.normal(0, 1e-3, n)
-    return (0.5 * signal / np.max(np.abs(signal))).astype(np.float32)
+    """The warm-up's speech-shaped signal (lipserve.warmup.speechlike), with this module's defaults."""
+    return warmup.speechlike(seconds, sample_rate, seed)
 
 
 def _audio_track(kind: str | None, seconds: float, sample_rate: int) -> np.ndarray | None:
@@ -201,25 +174,33 @@ def _vfr_times(seconds: float, fps: float, seed: int = SEED) -> list[float]:
     return times
 
 
-def _clip(render, seconds, fps, audio, rotate, vfr, index_first=True, colour=None) -> bytes:
+def _clip(render, size, seconds, fps, audio, rotate, vfr, index_first=True, colour=None) -> bytes:
     if rotate not in (0, 90, 180, 270):
         raise ValueError("rotate must be 0, 90, 180 or 270")
     times = _vfr_times(seconds, fps) if vfr else [i / fps for i in range(max(1, round(seconds * fps)))]
+    width, height = size[::-1] if rotate in (90, 270) else size
     # Stored picture = upright picture turned counter-clockwise by `rotate`; the tag tells
     # players to turn it back clockwise, as phones do for portrait video.
     frames = (np.rot90(render(t), k=rotate // 90) for t in times)
-    track = _audio_track(audio, seconds, AUDIO_RATE)
-    return _write_mp4(
-        frames,
-        fps,
-        track,
-        AUDIO_RATE,
-        crf=20,
-        frame_times=times if vfr else None,
-        display_rotation=rotate,
-        index_first=index_first,
-        colour=colour,
-    )
+    return _write_mp4(frames, times, fps, _audio_track(audio, seconds, AUDIO_RATE), (width, height),
+                      vfr=vfr, rotate=rotate, index_first=index_first, colour=colour)
+
+
+def _write_mp4(frames, times, fps, audio, stored_size, *, vfr, rotate, index_first, colour) -> bytes:
+    """The service's encoder parts (media.Mp4Tracks) with what test clips add: frame times of their
+    own (a fine clock for VFR), a display rotation tag, and the index left at the end when asked
+    (as many cameras write it: a truncated copy then has no index at all)."""
+    buffer = io.BytesIO()
+    output = media.IndexFirstMp4() if index_first else av.open(buffer, mode="w", format="mp4")
+    with output as container:
+        tracks = media.Mp4Tracks(container, *stored_size, fps, audio, AUDIO_RATE, crf=20, colour=colour,
+                                 time_base=Fraction(1, 90000) if vfr else None)
+        if rotate:
+            tracks.video.set_display_rotation(-rotate)
+        for image, t in zip(frames, times):
+            tracks.write(image, t)
+        tracks.finish()
+    return output.data if index_first else buffer.getvalue()
 
 
 def astronaut_clip(
@@ -246,7 +227,7 @@ def astronaut_clip(
     picture (e.g. BT709, as HD cameras do); None leaves it untagged, converted as players assume.
     `tilt` (start, end, degrees) tilts the head in between (render_frame).
     """
-    return _clip(lambda t: render_frame(t, size, motion, cut_away, tilt), seconds, fps, audio, rotate, vfr,
+    return _clip(lambda t: render_frame(t, size, motion, cut_away, tilt), size, seconds, fps, audio, rotate, vfr,
                  index_first, colour)
 
 
@@ -254,7 +235,7 @@ def noface_clip(
     seconds: float = 2.0, fps: float = 25, size: tuple[int, int] = (640, 360), audio: str | None = "speechlike"
 ) -> bytes:
     """A valid video with texture and motion but no face anywhere."""
-    return _clip(lambda t: _noface_frame(t, size), seconds, fps, audio, 0, False)
+    return _clip(lambda t: _noface_frame(t, size), size, seconds, fps, audio, 0, False)
 
 
 def astronaut_photo(size: tuple[int, int] = (640, 360), fmt: str = ".jpg") -> bytes:
@@ -299,10 +280,6 @@ def browser_webm_clip(
 ) -> bytes:
     """A WebM like a browser's MediaRecorder writes: VP8 + Opus, written live, so it states
     no duration and has no index (readers must find the length from the packets)."""
-    import io
-
-    import av
-
     width, height = size
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="webm", options={"live": "1"}) as container:
