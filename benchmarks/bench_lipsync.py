@@ -31,8 +31,9 @@ import torch
 from lipserve import media, testmedia
 from lipserve.audio.wav2lip_mel import melspectrogram
 from lipserve.lipsync import LipSyncer, LipSyncOptions
-from lipserve.lipsync.faces import S3FDDetector, detect_boxes, interpolate_track, padded_crop_boxes
-from lipserve.lipsync.syncer import mel_for_output
+from lipserve.lipsync.detectors import S3FDDetector, detect_boxes
+from lipserve.lipsync.faces import interpolate_track, padded_crop_boxes
+from lipserve.lipsync.timeline import mel_for_output
 from lipserve.models.s3fd import S3FD
 from lipserve.settings import Settings
 from lipserve.weights.synthetic import fill_synthetic

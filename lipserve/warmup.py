@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .testmedia import speechlike  # noqa: F401  (lipsync's precision probe imports it from here)
+
 WARMUP_FPS = 25.0
 WARMUP_SIZE = (640, 360)  # (width, height): the common phone-landscape source, as the old server's test clip
 WARMUP_RATE = 16000
