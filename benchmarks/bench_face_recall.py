@@ -61,7 +61,7 @@ import numpy as np
 from lipserve import media
 from lipserve.errors import NoFaceFound
 from lipserve.lipsync import LipSyncer, LipSyncOptions
-from lipserve.lipsync.faces import FaceDetector
+from lipserve.lipsync.detectors import FaceDetector
 from lipserve.settings import Settings
 
 FPS = 25

@@ -36,8 +36,9 @@ from devtools import testmedia  # noqa: E402
 from lipserve import media  # noqa: E402
 from lipserve.audio.wav2lip_mel import melspectrogram  # noqa: E402
 from lipserve.lipsync import LipSyncer, LipSyncOptions  # noqa: E402
-from lipserve.lipsync.faces import S3FDDetector, detect_boxes, interpolate_track, padded_crop_boxes  # noqa: E402
-from lipserve.lipsync.syncer import mel_for_output  # noqa: E402
+from lipserve.lipsync.detectors import S3FDDetector, detect_boxes  # noqa: E402
+from lipserve.lipsync.faces import interpolate_track, padded_crop_boxes  # noqa: E402
+from lipserve.lipsync.timeline import mel_for_output  # noqa: E402
 from lipserve.models.s3fd import S3FD  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402
 from lipserve.weights.synthetic import fill_synthetic  # noqa: E402

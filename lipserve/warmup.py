@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
+
 WARMUP_FPS = 25.0
 WARMUP_SIZE = (640, 360)  # (width, height): the common phone-landscape source
 WARMUP_RATE = 16000

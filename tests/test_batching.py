@@ -296,7 +296,7 @@ def test_lipsync_survives_an_out_of_memory_with_the_same_video(merging_syncer, m
 
 
 def test_s3fd_batches_split_on_out_of_memory_with_the_same_boxes(monkeypatch):
-    from lipserve.lipsync.faces import S3FDDetector
+    from lipserve.lipsync.detectors import S3FDDetector
     from lipserve.models.s3fd import S3FD
     from lipserve.weights.synthetic import fill_synthetic
 

@@ -13,8 +13,9 @@ import pytest
 from devtools import testmedia
 from lipserve import media
 from lipserve.lipsync import LipSyncOptions
-from lipserve.lipsync.faces import (AGREE_FRAMES, FaceDetector, HaarDetector, box_iou, detect_boxes, second_look)
-from lipserve.lipsync.syncer import TRACK_MAX_SIDE
+from lipserve.lipsync.detectors import FaceDetector, HaarDetector, detect_boxes
+from lipserve.lipsync.faces import AGREE_FRAMES, box_iou, second_look
+from lipserve.lipsync.planner import TRACK_MAX_SIDE
 
 FPS = 25
 PORTRAIT = (360, 640)  # upright width, height

@@ -6,10 +6,11 @@ import torch
 
 from lipserve.errors import InvalidField
 from lipserve.lipsync.blend import MIN_FEATHER_PX, paste_mask
+from lipserve.lipsync.detectors import (S3FD_TOP_K, HaarDetector, S3FDDetector, best_s3fd_face, detect_boxes, nms,
+                                        s3fd_candidates)
 from lipserve.lipsync.faces import (
-    S3FD_TOP_K, HaarDetector, S3FDDetector, best_s3fd_face, box_iou, detect_boxes, face_presence, frame_ranges,
-    interpolate_track, nms, padded_crop_boxes, refine_frames, s3fd_candidates, smooth_boxes, spread_frames,
-    still_box, track_boxes, track_keyframes, validate_box,
+    box_iou, face_presence, frame_ranges, interpolate_track, padded_crop_boxes, refine_frames, smooth_boxes,
+    spread_frames, still_box, track_boxes, track_keyframes, validate_box,
 )
 from lipserve.models.s3fd import S3FD
 from lipserve.weights.synthetic import fill_synthetic

@@ -15,7 +15,7 @@ from lipserve.errors import (InputTooLarge, InvalidField, NoFaceFound, Resolutio
 from lipserve.lipsync import FacePlan, LipSyncer, LipSyncOptions, SyncResult
 from lipserve.lipsync.blend import crops_to_model_input
 from lipserve.lipsync.faces import box_iou
-from lipserve.lipsync.syncer import SILENT_MEL, mel_for_output, pingpong_indices
+from lipserve.lipsync.timeline import SILENT_MEL, mel_for_output, pingpong_indices
 from lipserve.settings import Settings
 
 FPS = 25
@@ -261,11 +261,11 @@ def test_cpu_and_tensor_paths_agree(wav2lip_golden):
 
 def test_plan_decodes_long_sources_in_windows(fresh, astronaut_10s, monkeypatch):
     # plan_faces on a long/large source decodes in bounded windows (seeking to each); same boxes
-    from lipserve.lipsync import syncer as syncer_module
+    from lipserve.lipsync import planner as planner_module
     options = LipSyncOptions(face_mode="track", track_every=10)
     whole = fresh.plan_faces(astronaut_10s, options, 120)
     fresh.clear_face_cache()
-    monkeypatch.setattr(syncer_module, "DECODE_WINDOW_BYTES", 640 * 360 * 3 * 25)  # 25-frame windows
+    monkeypatch.setattr(planner_module, "DECODE_WINDOW_BYTES", 640 * 360 * 3 * 25)  # 25-frame windows
     windowed = fresh.plan_faces(astronaut_10s, options, 120)
     assert windowed.detected_frames == whole.detected_frames == 12 + 1
     assert np.abs(windowed.boxes - whole.boxes).max() <= 2

@@ -11,9 +11,11 @@ import torch
 from devtools import testmedia
 from lipserve import media
 from lipserve.lipsync import LipSyncOptions
+from lipserve.lipsync import precision as precision_module
 from lipserve.lipsync import syncer as syncer_module
-from lipserve.lipsync.faces import HaarDetector, box_iou, detect_boxes, padded_crop_boxes
-from lipserve.lipsync.syncer import AUTO_PROBES, TRACK_MAX_SIDE
+from lipserve.lipsync.detectors import HaarDetector, detect_boxes
+from lipserve.lipsync.faces import box_iou, padded_crop_boxes
+from lipserve.lipsync.planner import AUTO_PROBES, TRACK_MAX_SIDE
 
 FPS = 25
 
@@ -162,10 +164,10 @@ def test_a_photo_gives_a_video_as_long_as_the_speech(fresh, fmt):
 
 def test_the_precision_check_uses_face_crops_of_the_test_clip():
     import cv2
-    shipped = cv2.cvtColor(cv2.imread(str(syncer_module.PRECISION_FACES)), cv2.COLOR_BGR2RGB)
+    shipped = cv2.cvtColor(cv2.imread(str(precision_module.PRECISION_FACES)), cv2.COLOR_BGR2RGB)
     crops = testmedia.precision_face_crops()
     assert np.array_equal(shipped, np.concatenate(list(crops), axis=1))  # regenerable from testmedia
-    faces, windows = syncer_module.precision_probe(8)
+    faces, windows = precision_module.precision_probe(8)
     assert faces.shape == (8, 6, 96, 96) and windows.shape == (8, 1, 80, 16)
     assert float(windows.std()) > 0.5  # speech, not silence
 
@@ -180,10 +182,10 @@ def test_reduced_precision_is_kept_only_within_half_a_level_of_fp32(syncer, monk
         gap = syncer.autocast_gap(n_faces=1)
         print(f"bf16 autocast against fp32 on a face crop of the test clip: {gap:.3f} 8-bit levels at most")
         assert 0 < gap < 8
-        monkeypatch.setattr(syncer_module, "AUTOCAST_MAX_LEVELS", gap * 2)
+        monkeypatch.setattr(precision_module, "AUTOCAST_MAX_LEVELS", gap * 2)
         syncer._check_autocast(keep_anyway=False, gap=gap)
         assert syncer.autocast is torch.bfloat16 and syncer.precision_name == "bf16"  # close enough: kept
-        monkeypatch.setattr(syncer_module, "AUTOCAST_MAX_LEVELS", gap / 2)
+        monkeypatch.setattr(precision_module, "AUTOCAST_MAX_LEVELS", gap / 2)
         syncer._check_autocast(keep_anyway=True, gap=gap)  # set explicitly: kept, and the response says so
         assert syncer.precision_name == "bf16" and any("bf16" in w for w in syncer._warnings(_no_rendering()))
         syncer._check_autocast(keep_anyway=False, gap=gap)

@@ -499,11 +499,8 @@ class Bench:
             if "Haar cascade" not in str(exc):
                 raise
             # an OpenCV without the cascade files (opencv 5): faces from the clip's known position instead
-            import lipserve.lipsync.syncer as syncer_module
-
-            syncer_module.HaarDetector = KnownBoxDetector
             self.detector_note = f"Haar unavailable here ({exc}); faces from the clip's known box, detection not timed"
-            self.lipsync = LipSyncer(self.settings)
+            self.lipsync = LipSyncer(self.settings, detector=KnownBoxDetector())
         self.lipsync_load_s = time.perf_counter() - t
         self.pipeline = Pipeline(self.settings, tts=CarriedSpeech(wavs), voice=self.voice, lipsync=self.lipsync)
         self.outputs = 0
