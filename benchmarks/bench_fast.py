@@ -3,7 +3,7 @@
 Cases: a new video (face boxes, reference voice and speaker embedding not yet known) and the
 same video again, with 2 s and 10 s of speech fed as a wav (options.audio, so both paths get the
 same speech and TTS is not in the figures). Source: the 10 s 640x360 25 fps test clip, as in
-FACTS.md. In process, eager and fast run interleaved in one process on the same loaded models
+docs/FACTS.md. In process, eager and fast run interleaved in one process on the same loaded models
 (only the runners are swapped), best of --repeats; `--serve` adds the same requests through a
 local Ray Serve graph, deployed once with every backend eager and once with the defaults.
 
@@ -14,7 +14,7 @@ on a shared machine wall time swings with other people's jobs, CPU time much les
     .venv/bin/python benchmarks/bench_fast.py [--repeats 2] [--serve]
 
 The old way's figure is not re-run here: 73.8 s per request, the official scripts as the old
-server ran them on this kind of machine (../shared/FACTS.md, measured 2026-11-30).
+server ran them on this kind of machine (docs/FACTS.md).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from lipserve.cache import LRUCache  # noqa: E402
 from lipserve.contract import LipVideoRequest, RequestOptions  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402
 
-OLD_WAY_SECONDS = 73.8          # FACTS.md: whole request, old-server style, 10 s source, ~2 s speech
-OFFICIAL_VOICE_2S = 0.87 + 0.90  # FACTS.md: FreeVC convert.py WavLM + synthesis for ~2 s of speech
+OLD_WAY_SECONDS = 73.8          # docs/FACTS.md: whole request, old-server style, 10 s source, ~2 s speech
+OFFICIAL_VOICE_2S = 0.87 + 0.90  # docs/FACTS.md: FreeVC convert.py WavLM + synthesis for ~2 s of speech
 STAGE_KEYS = ("tts", "faces", "voice", "lipsync")
 
 
@@ -209,7 +209,7 @@ def main() -> int:
           "a shared machine: compare the ratios, and CPU seconds, more than absolute wall times")
     best = in_process(args, root, cases)
     print_table("in process (best of %d), seconds" % args.repeats, best)
-    print(f"  old way (official scripts, old-server style, FACTS.md): {OLD_WAY_SECONDS} s per request; "
+    print(f"  old way (official scripts, old-server style, docs/FACTS.md): {OLD_WAY_SECONDS} s per request; "
           f"official FreeVC conversion of ~2 s: {OFFICIAL_VOICE_2S:.2f} s")
     two = best.get((2.0, "new", "fast"))
     if two:

@@ -10,7 +10,7 @@ every core), times the OpenVINO graph (best of --repeats), and prints:
   seconds the same work takes at the sgemm peak, i.e. the best any fp32 path could do here.
 
 The issue-12 targets are printed beside the floors: voice conversion at 2x the official code
-(FACTS.md: 0.87 s WavLM + 0.90 s synthesis for ~2 s of speech, so <= 0.885 s) and lip sync at
+(docs/FACTS.md: 0.87 s WavLM + 0.90 s synthesis for ~2 s of speech, so <= 0.885 s) and lip sync at
 <= 0.035 s per output frame. A floor above a target means no fp32 path reaches it on this CPU:
 it needs fewer operations or lower precision (int8 or bf16 kernels: VNNI, AVX512-BF16, AMX).
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devtools import testmedia  # noqa: E402
 from lipserve.settings import Settings  # noqa: E402
 
-OFFICIAL_VOICE_2S = 0.87 + 0.90  # FACTS.md: FreeVC convert.py, WavLM + synthesis, ~2 s of speech
+OFFICIAL_VOICE_2S = 0.87 + 0.90  # docs/FACTS.md: FreeVC convert.py, WavLM + synthesis, ~2 s of speech
 VOICE_TARGET_S = OFFICIAL_VOICE_2S / 2
 LIPSYNC_TARGET_S_PER_FRAME = 0.035
 BATCH = 16

@@ -14,7 +14,7 @@ smoothed over 5 frames as the official script does.
 
 S3FD is timed separately on synthetic weights (its boxes are noise): network time per frame and
 post-processing time per frame are reported apart, the latter with the top-k candidate cap this
-code uses (uncapped, synthetic weights leave ~20k candidates per 640x360 frame; FACTS.md).
+code uses (uncapped, synthetic weights leave ~20k candidates per 640x360 frame; docs/FACTS.md).
 
 Usage: .venv/bin/python benchmarks/bench_lipsync.py   (about 1-3 minutes on 2 CPU cores)
 """

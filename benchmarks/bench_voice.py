@@ -14,7 +14,7 @@ noise off, RMS (and peak) of the difference to fp32 in dBFS; the stage keeps red
 only at or under AUTOCAST_MAX_GAP_DBFS (-60 dBFS).
 
 For comparison, the official FreeVC code on this 2-core machine: WavLM-Large 0.68 s and
-SynthesizerTrn 0.47 s for 2 s of audio (1.35 s and 1.13 s for 5 s), ../shared/FACTS.md.
+SynthesizerTrn 0.47 s for 2 s of audio (1.35 s and 1.13 s for 5 s), docs/FACTS.md.
 """
 from __future__ import annotations
 

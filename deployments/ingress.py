@@ -1,4 +1,4 @@
-"""The HTTP front door (FastAPI under Ray Serve): the routes of DESIGN.md over the stage handles.
+"""The HTTP front door (FastAPI under Ray Serve): the routes of docs/SERVING.md over the stage handles.
 
 Per request: pre-flight (text, language, URIs, allow-list, output exists -> 409) before any heavy
 work, fetch the source video once and put it in Ray's object store, then the same orchestration

@@ -1,4 +1,4 @@
-"""The HTTP contract as pydantic models (see DESIGN.md).
+"""The HTTP contract as pydantic models (docs/SERVING.md has the routes and the error map).
 
 These models are what the ingress's routes take and return, so /openapi.json and /docs show
 them as they are here: a field added here appears in the published schema with no other edit.

@@ -1,6 +1,6 @@
 """The device check's inputs, made on the build machine and carried (TTS is not a GPU stage).
 
-    clip.mp4        10 s, 640x360, 25 fps, a real face (lipserve.testmedia) with a speech-like track
+    clip.mp4        10 s, 640x360, 25 fps, a real face (devtools.testmedia) with a speech-like track
                     (the voice stage takes the user's voice from it)
     speech_2s.wav   English speech from the offline TTS (piper), padded with silence to exactly 2 s
     speech_10s.wav  the same for 10 s

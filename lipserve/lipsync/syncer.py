@@ -47,7 +47,7 @@ log = logging.getLogger("lipserve.lipsync")
 
 HAAR_WARNING = ("faces were found with OpenCV's Haar cascade because s3fd.pth is not in {folder}: its boxes are "
                 "rougher than those of the official S3FD detector Wav2Lip was trained with (`lipserve weights fetch`)")
-CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (FACTS.md)
+CPU_BATCH_SIZE = 16    # Wav2Lip on CPU: 55 ms/frame at 16, slower at 64 (docs/FACTS.md)
 CUDA_BYTES_PER_ITEM = 64 * 1024 * 1024  # generous fp16 activation budget per 96x96 sample
 CUDA_MAX_BATCH = 128   # frames per batch of one request
 CUDA_MAX_MERGED = 512  # frames per forward when concurrent requests' batches merge

@@ -1,6 +1,6 @@
 """Deterministic synthetic weights, fixed by each tensor's state_dict key.
 
-The rule (the same one ../shared/reference/detinit.py specifies, so our networks get the
+The rule (the one the reference goldens were made with, tests/reference/README.md, so our networks get the
 exact weights the reference goldens were made with):
 
 * counters `num_batches_tracked` are 0, `running_mean` 0, `running_var` 1;
