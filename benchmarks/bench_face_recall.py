@@ -62,6 +62,7 @@ from lipserve import media
 from lipserve.errors import NoFaceFound
 from lipserve.lipsync import LipSyncer, LipSyncOptions
 from lipserve.lipsync.detectors import FaceDetector
+from lipserve.lipsync.faces import box_iou
 from lipserve.settings import Settings
 
 FPS = 25
@@ -442,14 +443,6 @@ class Row:
         return 100.0 * self.passed / self.faceless if self.faceless else None
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def plan(syncer: LipSyncer, detector: FaceDetector, video: bytes, n: int):
     """(present [n], boxes [n,4] or None, detections run or None, seconds, mode)."""
     syncer.detector = detector
@@ -475,7 +468,7 @@ def score(clip: Clip, present: np.ndarray, boxes: np.ndarray | None, detections,
             elif not clip.known_iou:
                 row.synced += 1
             else:
-                overlap = iou(boxes[i].astype(np.float64), truth.boxes[i])
+                overlap = box_iou(boxes[i].astype(np.float64), truth.boxes[i])
                 row.ious.append(overlap)
                 if overlap >= SYNCED_MIN_IOU:
                     row.synced += 1
