@@ -58,12 +58,15 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from lipserve import media
-from lipserve.errors import NoFaceFound
-from lipserve.lipsync import LipSyncer, LipSyncOptions
-from lipserve.lipsync.detectors import FaceDetector
-from lipserve.lipsync.faces import box_iou
-from lipserve.settings import Settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools (the clip writer) is not installed
+
+from devtools import testmedia  # noqa: E402
+from lipserve import media  # noqa: E402
+from lipserve.errors import NoFaceFound  # noqa: E402
+from lipserve.lipsync import LipSyncer, LipSyncOptions  # noqa: E402
+from lipserve.lipsync.detectors import FaceDetector  # noqa: E402
+from lipserve.lipsync.faces import box_iou  # noqa: E402
+from lipserve.settings import Settings  # noqa: E402
 
 FPS = 25
 SYNCED_MIN_IOU = 0.3     # below this the mouth would be pasted off the face
@@ -257,7 +260,7 @@ def build_clip(spec: ClipSpec, sources: dict[str, FaceSource], scenes: dict[str,
             # stored turned so that a player turning it by display_rotation clockwise shows it upright
             yield np.ascontiguousarray(np.rot90(frame, k=spec.display_rotation // 90))
 
-    video = media._write_mp4(frames(), FPS, None, 16000, crf=20, display_rotation=spec.display_rotation)
+    video = testmedia.encode_clip(frames(), FPS, rotate=spec.display_rotation)
     faceless, bridged = split_cutaways(cut, int(BRIDGE_SECONDS * FPS + 1e-6))
     return Clip(spec.name, video, n, Truth(boxes, visible, faceless, bridged))
 
@@ -443,9 +446,8 @@ class Row:
         return 100.0 * self.passed / self.faceless if self.faceless else None
 
 
-def plan(syncer: LipSyncer, detector: FaceDetector, video: bytes, n: int):
+def plan(syncer: LipSyncer, video: bytes, n: int):
     """(present [n], boxes [n,4] or None, detections run or None, seconds, mode)."""
-    syncer.detector = detector
     t = time.perf_counter()
     try:
         result = syncer.plan_faces(video, LipSyncOptions(face_mode="auto"), frames_needed=n, use_cache=False)
@@ -629,9 +631,10 @@ def main() -> None:
     t_start = time.perf_counter()
     sources, scenes, doc = load_sources()
     settings = Settings(weights_dir="/tmp/no_weights_dir", allow_synthetic_weights=True, device="cpu", warmup=False)
-    syncer = LipSyncer(settings)
+    current = LipSyncer(settings)
+    # one syncer per detector (LipSyncer's `detector` argument), so each has its own planner
     detectors: list[tuple[FaceDetector, str]] = [
-        (syncer.detector, f"lipserve now: {type(syncer.detector).__name__}, with its second look"),
+        (current.detector, f"lipserve now: {type(current.detector).__name__}, with its second look"),
         (HaarAsOf460f1b8(), "Haar rule of 460f1b8, no lenient pass; runs through today's planner"),
     ]
     mp_detector = mediapipe_detector()
@@ -649,11 +652,12 @@ def main() -> None:
         print(f"--quick: {len(specs)} of {len(clip_specs())} synthetic clips, no Megamind")
 
     rows: dict[str, list[Row]] = {d.name: [] for d, _ in detectors}
+    syncers = {d.name: current if d is current.detector else LipSyncer(settings, detector=d) for d, _ in detectors}
 
     def measure(clip: Clip) -> None:
         for detector, _ in detectors:
             try:
-                present, boxes, detections, seconds, mode = plan(syncer, detector, clip.video, clip.n_frames)
+                present, boxes, detections, seconds, mode = plan(syncers[detector.name], clip.video, clip.n_frames)
                 row = score(clip, present, boxes, detections, seconds, mode)
                 if args.save_frames:
                     save_frames(args.save_frames, detector.name, clip, present, boxes, row)

@@ -10,6 +10,7 @@ Sizes are (width, height) of the upright picture, as a viewer sees it.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from fractions import Fraction
 from functools import lru_cache
@@ -184,6 +185,17 @@ def _clip(render, size, seconds, fps, audio, rotate, vfr, index_first=True, colo
     frames = (np.rot90(render(t), k=rotate // 90) for t in times)
     return _write_mp4(frames, times, fps, _audio_track(audio, seconds, AUDIO_RATE), (width, height),
                       vfr=vfr, rotate=rotate, index_first=index_first, colour=colour)
+
+
+def encode_clip(stored_frames, fps: float, rotate: int = 0) -> bytes:
+    """An mp4 of frames already stored turned (RGB, one size, constant rate, no audio), tagged with
+    the clockwise display rotation `rotate` as a phone tags portrait video; index first."""
+    frames = iter(stored_frames)
+    first = next(frames)
+    images = itertools.chain([first], frames)
+    times = (i / fps for i in itertools.count())
+    return _write_mp4(images, times, fps, None, (first.shape[1], first.shape[0]), vfr=False, rotate=rotate,
+                      index_first=True, colour=None)
 
 
 def _write_mp4(frames, times, fps, audio, stored_size, *, vfr, rotate, index_first, colour) -> bytes:
