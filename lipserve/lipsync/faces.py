@@ -85,6 +85,7 @@ def second_look(detector: FaceDetector, keyframes: dict[int, np.ndarray | None],
     """
     looked = 0
     tried_unanchored: set[int] = set()
+    looked_at: set[tuple[int, int]] = set()  # stretches already followed into: a later round skips them
     for _ in range(4):  # new faces in the middle of a stretch are followed outwards on the next round
         present = face_presence(keyframes, n_frames, max_gap)
         if not present.any():  # no face anywhere yet: the frames already tried, whole
@@ -96,6 +97,9 @@ def second_look(detector: FaceDetector, keyframes: dict[int, np.ndarray | None],
         boxes = interpolate_track(keyframes, n_frames, smooth_window=1)
         added = 0
         for first, last in frame_ranges(~present):
+            if (first, last) in looked_at:
+                continue
+            looked_at.add((first, last))
             reached_from_before = reached_from_after = 0
             if first > 0:
                 reached_from_before, n = _follow(detector, keyframes, list(range(first, last + 1)),
