@@ -38,14 +38,6 @@ def test_a_refused_upload_leaves_nothing_behind(local, tmp_path, make, error):
     assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())
 
 
-def test_declared_upload_size_over_the_limit_is_413_before_reading(local):
-    settings, _ = local
-    web.check_upload_size("400000", settings)
-    web.check_upload_size(None, settings)
-    with pytest.raises(errors.InputTooLarge):
-        web.check_upload_size("400001", settings)
-
-
 def test_playback_reads_only_media_inside_what_the_api_may_read(local, tmp_path):
     settings, storage = local
     (tmp_path / "results").mkdir()

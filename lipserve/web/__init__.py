@@ -38,13 +38,6 @@ def upload_uri(filename: str | None) -> str:
     return f"{UPLOAD_FOLDER}/{uuid.uuid4().hex}{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}"
 
 
-def check_upload_size(declared: str | None, settings: Settings) -> None:
-    """413 before reading anything when the declared Content-Length is over the limit."""
-    if declared is not None and declared.isdigit() and int(declared) > settings.max_input_bytes:
-        raise InputTooLarge(f"the upload is {int(declared)} bytes; the limit is {settings.max_input_bytes}",
-                            field="body")
-
-
 def store_upload(data: bytes, filename: str | None, settings: Settings, storage) -> UploadResult:
     """Check an uploaded source like any source (413 size, 422 not a video, 413 duration/resolution),
     then write it under uploads/ with a generated name."""
