@@ -63,7 +63,7 @@ def main() -> None:
                         cross_request_batching="on")
     syncer = LipSyncer(settings)
     print(f"SYNTHETIC Wav2Lip weights; torch threads {torch.get_num_threads()}; batching wait "
-          f"{settings.batching_wait_ms} ms; per-request batch {syncer.batch_size()}, merged forward up to "
+          f"{settings.lipsync.batching_wait_ms} ms; per-request batch {syncer.batch_size()}, merged forward up to "
           f"{syncer.wav2lip.max_items()} frames")
     video = testmedia.astronaut_clip(seconds=10.0, fps=25, size=(640, 360), audio=None)
     speech = testmedia.speechlike(args.speech_s, 16000)

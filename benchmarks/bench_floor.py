@@ -78,9 +78,9 @@ def main() -> int:
     print("SYNTHETIC WEIGHTS: real architectures on deterministic synthetic weights; the work per call is "
           "what matters here, not the outputs.", flush=True)
     settings = Settings(weights_dir=Path(tempfile.mkdtemp()), allow_synthetic_weights=True, device="cpu")
-    threads = settings.cpu_threads()
+    threads = settings.runtime.cpu_threads()
     torch.set_num_threads(threads)
-    cache = settings.fast_cache_dir
+    cache = settings.runtime.fast_cache_dir
     peak = sgemm_peak(args.repeats)
     print(f"fp32 peak (best 2048^3 sgemm, {threads} threads): {peak:.1f} GFLOP/s", flush=True)
 

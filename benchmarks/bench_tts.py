@@ -57,7 +57,7 @@ def main() -> None:
             print(f"{engine:6s} {label:14s} {len(text):4d} chars -> {seconds:5.2f} s speech in {wall:6.3f} s "
                   f"(RTF {wall / seconds:.3f}, {seconds / wall:5.1f}x real time)")
 
-    cached = SpeechSynthesizer(settings.model_copy(update={"tts_cache_size": 16}),
+    cached = SpeechSynthesizer(settings.replace(**{"tts_cache_size": 16}),
                                engines=synth.engines)
     cached.synthesize(TEXTS["sentence"], "en", "piper")
     wall, result = best_of(lambda: cached.synthesize(TEXTS["sentence"], "en", "piper"), args.repeats)

@@ -84,7 +84,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench_voice_files_") as files:
             write_official_files(vc, Path(files))
             start = time.perf_counter()
-            VoiceConverter(settings.model_copy(update={"weights_dir": Path(files), "allow_synthetic_weights": False}))
+            VoiceConverter(settings.replace(**{"weights_dir": Path(files), "allow_synthetic_weights": False}))
             rows.append(("model load, official-format files (in page cache)", time.perf_counter() - start))
 
     reference = prepare_reference(testmedia.speechlike(args.reference_seconds, 16000, seed=12), "benchmark")

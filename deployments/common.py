@@ -19,7 +19,7 @@ import ray
 from lipserve.errors import LipserveError, ModelNotLoaded
 from lipserve.logs import configure_logging
 from lipserve.pipeline import StageOutput
-from lipserve.settings import Settings
+from lipserve.settings import Settings, split_by_section
 
 from .metrics import stage_metrics
 
@@ -44,9 +44,19 @@ def initial_user_config() -> dict:
     return dict(config) if isinstance(config, dict) else {}
 
 
-def replica_settings(overrides: dict | None = None) -> Settings:
-    """Settings inside a replica: LIPSERVE_* env vars (runtime_env) under user_config overrides."""
-    return Settings(**(overrides or {}))
+def replica_settings(overrides: dict | None = None, owns: tuple[str, ...] = (), deployment: str = "") -> Settings:
+    """Settings inside a replica: LIPSERVE_* env vars (runtime_env) under its user_config's
+    `settings`, which may only name keys of the sections this deployment reads (`owns`): a key
+    another deployment reads would change nothing here, so it is refused rather than ignored."""
+    overrides = dict(overrides or {})
+    if owns:
+        foreign = {key: section for section, keys in split_by_section(overrides).items() if section not in owns
+                   for key in keys}
+        if foreign:
+            where = ", ".join(f"{key} (read by the {section} section)" for key, section in sorted(foreign.items()))
+            raise ValueError(f"{deployment}: user_config.settings sets {where}; this deployment reads only the "
+                             f"{', '.join(owns)} settings. Move the line under the deployment that reads it.")
+    return Settings(**overrides)
 
 
 def apply_log_level(config: dict) -> None:
@@ -81,11 +91,12 @@ class StageReplica:
     lipserve module their build() imports) and implement `build()`.
 
     A replica is ready for traffic once its constructor returns: the models are loaded and, with
-    settings.warmup, every request path has run once (the stage's `warm_up()`), so its first
+    settings.runtime.warmup, every request path has run once (the stage's `warm_up()`), so its first
     request is as fast as its tenth. `start_seconds` says where its start went."""
 
     stage = "stage"
     stage_module = ""
+    owns: tuple[str, ...] = ()  # the settings sections its build() reads; its user_config may set only these
     start_seconds: dict[str, float] = {}  # replaced (never mutated) by load()
 
     def __init__(self):
@@ -93,7 +104,7 @@ class StageReplica:
         user_config = initial_user_config()
         if user_config:
             apply_log_level(user_config)
-        self.settings = replica_settings(user_config.get("settings"))
+        self.settings = replica_settings(user_config.get("settings"), self.owns, self.stage)
         self.overrides: dict = dict(user_config.get("settings") or {})  # the user_config settings in force
         self.worker = None
         self.worker = self.load(self.settings)
@@ -105,7 +116,7 @@ class StageReplica:
         raise NotImplementedError
 
     def load(self, settings: Settings):
-        """build() the stage object, then (settings.warmup) warm it up; returns it. Times the
+        """build() the stage object, then (settings.runtime.warmup) warm it up; returns it. Times the
         import of the stage's module, the build (checkpoints or synthetic weights) and the warm-up."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -115,9 +126,9 @@ class StageReplica:
         start = time.perf_counter()
         worker = self.build(settings)
         timings["build"] = time.perf_counter() - start
-        if settings.warmup and hasattr(worker, "warm_up"):
+        if settings.runtime.warmup and hasattr(worker, "warm_up"):
             start = time.perf_counter()
-            worker.warm_up(seconds=settings.warmup_seconds)
+            worker.warm_up(seconds=settings.runtime.warmup_seconds)
             timings["warm_up"] = time.perf_counter() - start
         self.start_seconds = {k: round(v, 3) for k, v in timings.items()}
         log.info("%s: replica ready in %.1f s (%s)", self.stage, sum(timings.values()),
@@ -130,7 +141,7 @@ class StageReplica:
         A change of settings rebuilds the stage object (models reload) only when they differ."""
         config = config or {}
         apply_log_level(config)
-        new = replica_settings(config.get("settings"))
+        new = replica_settings(config.get("settings"), self.owns, self.stage)
         if new != self.settings:
             log.info("%s: settings changed, reloading", self.stage)
             self.worker = self.load(new)
@@ -179,7 +190,7 @@ class StageReplica:
             await asyncio.to_thread(self.worker.preload)
         if hasattr(self.worker, "warm_up") and not getattr(self.worker, "warm_up_report", None):
             start = time.perf_counter()
-            await asyncio.to_thread(self.worker.warm_up, seconds=self.settings.warmup_seconds)
+            await asyncio.to_thread(self.worker.warm_up, seconds=self.settings.runtime.warmup_seconds)
             self.start_seconds = {**self.start_seconds, "warm_up": round(time.perf_counter() - start, 3)}
         return self.describe_stage()
 

@@ -38,8 +38,8 @@ class EdgeConfig:
 
     @classmethod
     def of(cls, settings, storage_root) -> "EdgeConfig":
-        return cls(token=settings.auth_token, max_body_bytes=settings.max_body_bytes,
-                   max_upload_bytes=settings.max_input_bytes, storage_root=str(storage_root))
+        return cls(token=settings.serving.auth_token, max_body_bytes=settings.serving.max_body_bytes,
+                   max_upload_bytes=settings.limits.max_input_bytes, storage_root=str(storage_root))
 
     def answer(self, exc: BaseException, request_id: str):
         """The JSON error answer for exc, with this edge's token and storage root kept out of it."""

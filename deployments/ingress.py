@@ -110,10 +110,10 @@ class Ingress:
         """Serve's graceful shutdown (redeploy, downscale): let this replica's jobs finish first;
         Serve's graceful_shutdown_timeout_s bounds the wait, and what it cuts off is failed as
         job_interrupted by the book once the replica stops reporting."""
-        await self.jobs.drain(self.settings.request_timeout_s)
+        await self.jobs.drain(self.settings.serving.request_timeout_s)
 
     def configure(self, config: dict) -> None:
-        self.settings = replica_settings(config.get("settings"))
+        self.settings = replica_settings(config.get("settings"), ("serving", "limits", "storage"), "Ingress")
         self.storage = Storage(self.settings)
         self.gate = AdmissionGate(config.get("max_active", 8), config.get("max_waiting", 16))
         self.edge = EdgeConfig.of(self.settings, self.storage.root)  # what the edge reads (serving_edge)
@@ -157,7 +157,7 @@ class Ingress:
         """Make the video and answer when it is written (see POST /api/v1/jobs for long work)."""
         request_id = request_id_of(request)
         try:
-            response = await with_timeout(self._run(lip_request, request_id), self.settings.request_timeout_s)
+            response = await with_timeout(self._run(lip_request, request_id), self.settings.serving.request_timeout_s)
         except Exception as exc:
             return self.refuse(exc, request_id)
         self.observe(response)
@@ -200,7 +200,7 @@ class Ingress:
         try:
             status = await self.jobs.submit(
                 job_id, request_id, lambda progress: self._job_work(lip_request, request_id, admission, progress),
-                retention_s=self.settings.job_retention_s, lost_after_s=self.settings.job_lost_after_s)
+                retention_s=self.settings.serving.job_retention_s, lost_after_s=self.settings.serving.job_lost_after_s)
         except Exception as exc:
             admission.close()
             return self.refuse(exc, request_id)
@@ -210,7 +210,7 @@ class Ingress:
         """A job's work: the synchronous route's, with its errors as named errors for the book."""
         try:
             response = await with_timeout(self._run(lip_request, request_id, admission, progress),
-                                          self.settings.request_timeout_s)
+                                          self.settings.serving.request_timeout_s)
         except Exception as exc:
             raise self.failure(exc, request_id) from None
         finally:
@@ -225,10 +225,10 @@ class Ingress:
         job_retention_s; an unknown or expired id is 404 job_not_found."""
         request_id = request_id_of(request)
         try:
-            status = await self.jobs.get(job_id, self.settings.job_lost_after_s, self.settings.job_retention_s)
+            status = await self.jobs.get(job_id, self.settings.serving.job_lost_after_s, self.settings.serving.job_retention_s)
             if status is None:
                 raise JobNotFound(f"no job {job_id!r} (unknown, or finished more than "
-                                  f"{self.settings.job_retention_s:g} s ago)", field="job_id")
+                                  f"{self.settings.serving.job_retention_s:g} s ago)", field="job_id")
         except Exception as exc:
             return self.refuse(exc, request_id)
         return JSONResponse(status)

@@ -15,6 +15,7 @@ from .common import StageReplica, replica_gpu_share, resolve
 @serve.deployment(name="LipSyncer")  # its resources and limits: the serve configs
 class LipSyncDeployment(StageReplica):
     stage = "lipsync"
+    owns = ("lipsync", "runtime")
     stage_module = "lipserve.lipsync"
 
     def build(self, settings):
@@ -33,6 +34,6 @@ class LipSyncDeployment(StageReplica):
         from lipserve.lipsync import LipSyncOptions
 
         data = await resolve(video)
-        checkpoint = self.settings.wav2lip_checkpoint
+        checkpoint = self.settings.lipsync.wav2lip_checkpoint
         return await self.run_timed("lipsync", lambda r: checkpoint, self.worker.sync, data, audio, sample_rate,
                                     LipSyncOptions(**options), plan)

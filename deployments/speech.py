@@ -11,6 +11,7 @@ from .common import StageReplica
 @serve.deployment(name="SpeechSynthesizer")  # its resources and limits: the serve configs
 class SpeechDeployment(StageReplica):
     stage = "tts"
+    owns = ("speech", "runtime")
     stage_module = "lipserve.tts"
 
     def build(self, settings):

@@ -15,6 +15,7 @@ from .common import StageReplica, replica_gpu_share, resolve
 @serve.deployment(name="VoiceConverter")  # its resources and limits: the serve configs
 class VoiceDeployment(StageReplica):
     stage = "voice"
+    owns = ("voice", "runtime")
     stage_module = "lipserve.voice"
 
     def build(self, settings):
@@ -25,6 +26,6 @@ class VoiceDeployment(StageReplica):
     async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
                       deterministic: bool = False, seed: int | None = None) -> StageOutput:
         data = await resolve(reference)
-        variant = self.settings.freevc_variant
+        variant = self.settings.voice.freevc_variant
         return await self.run_timed("voice", lambda r: variant, convert_voice, self.worker, audio, sample_rate,
                                     data, reference_is_video, deterministic, seed)

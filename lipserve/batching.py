@@ -220,5 +220,5 @@ class SharedForward:
 def merge_enabled(settings, device: torch.device) -> bool:
     """The `cross_request_batching` setting for this device: auto = on for CUDA, off on CPU (there a
     bigger Wav2Lip batch costs more per frame: 55 ms at 16, 70 ms at 64 on 2 cores; docs/FACTS.md)."""
-    choice = settings.cross_request_batching
+    choice = settings.lipsync.cross_request_batching
     return choice == "on" or (choice == "auto" and device.type == "cuda")

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reference", default=None, help="separate voice reference (audio or video file)")
     run.add_argument("--synthetic-weights", action="store_true",
                      help="allow synthetic weights when checkpoints are missing (output NOT meaningful)")
-    run.add_argument("--weights-dir", default=None, help="checkpoint folder (default: settings.weights_dir)")
+    run.add_argument("--weights-dir", default=None, help="checkpoint folder (default: settings.runtime.weights_dir)")
     run.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     run.add_argument("--seed", type=int, default=None,
                      help="make the random draws (TTS noise, voice prior) reproducible: same seed, same video")

@@ -41,8 +41,8 @@ def is_oom(exc: BaseException) -> bool:
 
 def memory_fraction(settings, gpu_share: float | None) -> float | None:
     """The cap for a stage: the `gpu_memory_fraction` setting, else the replica's GPU share."""
-    if settings.gpu_memory_fraction is not None:
-        return float(settings.gpu_memory_fraction)
+    if settings.runtime.gpu_memory_fraction is not None:
+        return float(settings.runtime.gpu_memory_fraction)
     if gpu_share is None or gpu_share <= 0:
         return None
     return min(1.0, float(gpu_share))

@@ -76,8 +76,8 @@ def check_text(word: str, settings: Settings, *, may_be_empty: bool = False) -> 
     text = (word or "").strip()
     if not text and not may_be_empty:
         raise EmptyText("word is empty: give the word or sentence to say", field="word")
-    if len(text) > settings.max_text_chars:
-        raise TextTooLong(f"word has {len(text)} characters; the limit is {settings.max_text_chars}", field="word")
+    if len(text) > settings.limits.max_text_chars:
+        raise TextTooLong(f"word has {len(text)} characters; the limit is {settings.limits.max_text_chars}", field="word")
     return text
 
 
@@ -145,12 +145,12 @@ def check_video(data: bytes, settings: Settings):
     from . import media
 
     info = media.probe(data)
-    if info.duration > settings.max_video_seconds:
-        raise VideoTooLong(f"source video is {info.duration:.1f} s; the limit is {settings.max_video_seconds:g} s",
+    if info.duration > settings.limits.max_video_seconds:
+        raise VideoTooLong(f"source video is {info.duration:.1f} s; the limit is {settings.limits.max_video_seconds:g} s",
                            field="user_video_gs")
-    if info.width * info.height > settings.max_resolution:
+    if info.width * info.height > settings.limits.max_resolution:
         raise ResolutionTooLarge(f"source video is {info.width}x{info.height}; the limit is "
-                                 f"{settings.max_resolution} pixels", field="user_video_gs")
+                                 f"{settings.limits.max_resolution} pixels", field="user_video_gs")
     return info
 
 
@@ -163,9 +163,9 @@ def check_voice_source(info, reference_uri: str | None) -> None:
 
 
 def check_speech(seconds: float, settings: Settings) -> None:
-    if seconds > settings.max_speech_seconds:
+    if seconds > settings.limits.max_speech_seconds:
         raise TextTooLong(f"the speech for this text lasts {seconds:.1f} s; the limit is "
-                          f"{settings.max_speech_seconds:g} s", field="word")
+                          f"{settings.limits.max_speech_seconds:g} s", field="word")
 
 
 def load_given_speech(storage, uri: str, settings: Settings):
@@ -178,7 +178,7 @@ def load_given_speech(storage, uri: str, settings: Settings):
     from .tts.base import SpeechResult
 
     data = storage.read_bytes(uri)
-    limit = settings.max_speech_seconds
+    limit = settings.limits.max_speech_seconds
     audio = media.decode_audio_bytes(data, 16000, max_seconds=limit + 0.5)
     if audio.size / 16000.0 > limit:
         raise AudioTooLong(f"options.audio lasts more than {limit:g} s (the limit is max_speech_seconds)",
@@ -447,7 +447,7 @@ def stage_engines(voice_desc: dict, lipsync_desc: dict) -> dict[str, str]:
 class Pipeline:
     """The whole request in one process (no Ray): for the CLI, tests and people without a cluster.
 
-    With `settings.warmup` (or `warm_up=True`) every stage is warmed up here, before the first
+    With `settings.runtime.warmup` (or `warm_up=True`) every stage is warmed up here, before the first
     request (see lipserve.warmup). A caller that makes one request and exits (the CLI) passes
     `warm_up=False`: the warm-up would only add its own time to that one request's."""
 
@@ -473,7 +473,7 @@ class Pipeline:
         self.storage = storage
         self.stages = LocalStages(tts, voice, lipsync)
         self.warm_up_report: dict[str, dict[str, float]] | None = None
-        if settings.warmup if warm_up is None else warm_up:
+        if settings.runtime.warmup if warm_up is None else warm_up:
             self.warm_up()
 
     def warm_up(self) -> dict[str, dict[str, float]]:
@@ -484,7 +484,7 @@ class Pipeline:
 
         from .warmup import warmup_inputs
 
-        inputs = warmup_inputs(self.settings.warmup_seconds)
+        inputs = warmup_inputs(self.settings.runtime.warmup_seconds)
         stages = {name: stage for name, stage in (("tts", self.stages.tts), ("voice", self.stages.voice),
                                                   ("lipsync", self.stages.lipsync))
                   if hasattr(stage, "warm_up")}
@@ -503,4 +503,4 @@ class Pipeline:
     def run(self, request: LipVideoRequest, request_id: str | None = None, progress: Progress | None = None) -> LipVideoResponse:
         rid = new_request_id(request_id)
         coro = orchestrate(request, rid, self.settings, self.storage, self.stages, progress, label="lipserve (one process)")
-        return asyncio.run(with_timeout(coro, self.settings.request_timeout_s))
+        return asyncio.run(with_timeout(coro, self.settings.serving.request_timeout_s))

@@ -3,9 +3,9 @@
 One interface, two backends. The rules every caller relies on:
 
 * reads check the size from metadata (GCS `reload()`, local `stat`) before downloading anything;
-* local paths cannot leave `settings.storage_root` (`..`, absolute paths and symlinks are
+* local paths cannot leave `settings.storage.storage_root` (`..`, absolute paths and symlinks are
   resolved and checked);
-* a GCS bucket must be on `settings.allowed_buckets`;
+* a GCS bucket must be on `settings.storage.allowed_buckets`;
 * writes are atomic: the final object appears whole or not at all (local: temp file in the same
   folder, then a rename; GCS: a resumable upload only becomes an object when its last chunk lands,
   and we verify the size afterwards);
@@ -68,15 +68,15 @@ class Location:
 class Storage:
     def __init__(self, settings: Settings, gcs_client=None):
         self.settings = settings
-        self.root = Path(settings.storage_root).expanduser().resolve()
+        self.root = Path(settings.storage.storage_root).expanduser().resolve()
         self._gcs = gcs_client
-        self.timeout = float(settings.storage_timeout_s)
+        self.timeout = float(settings.storage.storage_timeout_s)
 
     # ---------------------------------------------------------------- public API
 
     def read_bytes(self, uri: str, *, max_bytes: int | None = None) -> bytes:
         """The whole object. 400/403/404/413/502 as named errors; size checked before reading."""
-        limit = self.settings.max_input_bytes if max_bytes is None else max_bytes
+        limit = self.settings.limits.max_input_bytes if max_bytes is None else max_bytes
         loc = self.parse(uri)
         if loc.is_gcs:
             return self._gcs_read(loc, limit)
@@ -142,8 +142,8 @@ class Storage:
             raise InvalidURI(f"{uri!r}: no object name (expected gs://bucket/object)")
         if len(name.encode("utf-8")) > 1024 or "\n" in name or "\r" in name:
             raise InvalidURI(f"{uri!r}: object name is too long or has line breaks")
-        if not self.settings.bucket_allowed(bucket):
-            allowed = ", ".join(self.settings.allowed_buckets) or "none"
+        if not self.settings.storage.bucket_allowed(bucket):
+            allowed = ", ".join(self.settings.storage.allowed_buckets) or "none"
             raise BucketNotAllowed(f"bucket {bucket!r} is not on the allow-list (allowed: {allowed})")
         return Location(uri, bucket=bucket, name=name)
 
@@ -226,10 +226,10 @@ class Storage:
                 if os.environ.get("STORAGE_EMULATOR_HOST"):
                     from google.auth.credentials import AnonymousCredentials
 
-                    self._gcs = gcs_storage.Client(project=self.settings.gcs_project or EMULATOR_PROJECT,
+                    self._gcs = gcs_storage.Client(project=self.settings.storage.gcs_project or EMULATOR_PROJECT,
                                                    credentials=AnonymousCredentials())
                 else:
-                    self._gcs = gcs_storage.Client(project=self.settings.gcs_project)
+                    self._gcs = gcs_storage.Client(project=self.settings.storage.gcs_project)
             except Exception as exc:  # google.auth raises several types when no credentials are found
                 raise StorageUnavailable(f"cannot create the GCS client: {type(exc).__name__}: {exc}") from exc
         return self._gcs

@@ -31,7 +31,7 @@ def speech_2s() -> np.ndarray:
 @contextmanager
 def limits(syncer, **overrides):
     saved = syncer.settings
-    syncer.settings = saved.model_copy(update=overrides)
+    syncer.settings = saved.replace(**overrides)
     try:
         yield
     finally:

@@ -186,7 +186,7 @@ def test_reconfigure_reloads_only_when_settings_change():
     replica.reconfigure({"log_level": "INFO"})
     assert len(builds) == 1  # same settings: models stay loaded
     replica.reconfigure({"settings": {"face_mode": "track"}})
-    assert len(builds) == 2 and replica.settings.face_mode == "track"
+    assert len(builds) == 2 and replica.settings.lipsync.face_mode == "track"
     replica.reconfigure({"settings": {"face_mode": "track"}})
     assert len(builds) == 2
 
@@ -257,7 +257,7 @@ def test_a_replica_warms_up_before_it_counts_as_started_and_preload_warms_one_th
     asyncio.run(cold.warm())  # the explicit trigger warms a replica that started without it, once
     asyncio.run(cold.warm())
     assert cold.worker.warm_ups == [0.7] and cold.describe_stage()["warmed_up"] is True
-    assert Settings(warmup=False).warmup is False
+    assert Settings(warmup=False).runtime.warmup is False
 
 
 def test_a_user_config_that_changes_settings_does_not_load_the_models_twice(monkeypatch):
@@ -274,7 +274,7 @@ def test_a_user_config_that_changes_settings_does_not_load_the_models_twice(monk
     monkeypatch.setenv("LIPSERVE_WARMUP", "0")
     builds: list = []
     replica = _warmable_stage(builds)()
-    assert [s.face_mode for s in builds] == ["track"]  # built once, with the user_config's settings
+    assert [s.lipsync.face_mode for s in builds] == ["track"]  # built once, with the user_config's settings
     replica.reconfigure(user_config)  # what Serve calls right after the constructor
     assert len(builds) == 1
     assert replica.describe_stage()["replica_id"] == "r1"
@@ -319,3 +319,22 @@ def test_openapi_schema_is_the_contract_models():
     assert {"/api/v1/jobs/{job_id}", "/api/v1/uploads", "/api/v1/media", "/api/v1/languages", "/health",
             "/api/v1/models", "/api/v1/preload-models"} == set(spec["paths"]) - {
                 "/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"}
+
+
+def test_a_deployments_user_config_may_set_only_the_settings_it_reads():
+    """`max_text_chars` is read by the ingress's limits: under LipSyncer it would change nothing,
+    so it is refused with where it belongs; LipSyncer's own and the model runtime's keys pass."""
+    from deployments.common import replica_settings
+    from deployments.lipsync import LipSyncDeployment
+    from deployments.speech import SpeechDeployment
+    from deployments.voice import VoiceDeployment
+
+    owns = LipSyncDeployment.func_or_class.owns
+    settings = replica_settings({"face_mode": "static", "device": "cpu"}, owns, "LipSyncer")
+    assert settings.lipsync.face_mode == "static" and settings.runtime.device == "cpu"
+    with pytest.raises(ValueError, match=r"LipSyncer: .*max_text_chars \(read by the limits section\)"):
+        replica_settings({"max_text_chars": 10}, owns, "LipSyncer")
+    with pytest.raises(ValueError, match="face_mode"):
+        replica_settings({"face_mode": "track"}, VoiceDeployment.func_or_class.owns, "VoiceConverter")
+    with pytest.raises(ValueError, match="freevc_variant"):
+        replica_settings({"freevc_variant": "freevc-s"}, SpeechDeployment.func_or_class.owns, "SpeechSynthesizer")

@@ -178,7 +178,7 @@ def test_load_weights_synthetic_and_from_file(tmp_path):
 
 def test_default_weights_dir_is_the_checkouts_from_any_folder(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    code = "from lipserve.settings import Settings; print(Settings().weights_dir)"
+    code = "from lipserve.settings import Settings; print(Settings().runtime.weights_dir)"
     env = {k: v for k, v in os.environ.items() if k != "LIPSERVE_WEIGHTS_DIR"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True).stdout.strip()

@@ -509,7 +509,7 @@ class Bench:
     def forget_speakers(self) -> None:
         from lipserve.cache import LRUCache
 
-        self.voice.speaker_cache = LRUCache(self.settings.speaker_cache_size)
+        self.voice.speaker_cache = LRUCache(self.settings.voice.speaker_cache_size)
 
     def new_video(self) -> str:
         with self.lock:

@@ -100,10 +100,10 @@ class FacePlanner:
     def __init__(self, settings: Settings, detector: FaceDetector):
         self.settings = settings
         self.detector = detector
-        self.cache: LRUCache[FaceEntry] = LRUCache(settings.face_cache_size)
+        self.cache: LRUCache[FaceEntry] = LRUCache(settings.lipsync.face_cache_size)
 
     def clear_cache(self) -> None:
-        self.cache = LRUCache(self.settings.face_cache_size)
+        self.cache = LRUCache(self.settings.lipsync.face_cache_size)
 
     def plan(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None, frames_for=None, *,
              use_cache: bool = True) -> FacePlan:
@@ -169,7 +169,7 @@ class FacePlanner:
 
     def _check_limits(self, video: bytes, info: VideoInfo | None) -> None:
         """The configured input limits (413); checked on every call, cached probe or not."""
-        s = self.settings
+        s = self.settings.limits
         if len(video) > s.max_input_bytes:
             raise InputTooLarge(f"the video is {len(video)} bytes; the limit is {s.max_input_bytes}")
         if info is None:

@@ -91,13 +91,13 @@ class LipSyncer:
     def __init__(self, settings: Settings, gpu_share: float | None = None, detector: FaceDetector | None = None):
         """`gpu_share`: the replica's GPU fraction (Ray's num_gpus); caps CUDA memory (lipserve.gpu).
         `detector`: finds the faces instead of S3FD or the Haar fallback (then s3fd.pth is not loaded)."""
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.runtime.device)
         self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
         self.budget = BatchBudget(self.device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=CUDA_MAX_MERGED,
                                   cpu_items=CPU_MAX_MERGED, cap_bytes=self.memory_cap)
         # every Wav2Lip forward goes through this: concurrent requests' frames share forwards
         self.wav2lip = SharedForward(self._forward, merge=merge_enabled(settings, self.device),
-                                     max_items=self.budget.items, wait_s=settings.batching_wait_ms / 1000,
+                                     max_items=self.budget.items, wait_s=settings.lipsync.batching_wait_ms / 1000,
                                      device=self.device, name="wav2lip")
         # the two networks do not depend on each other: load them side by side
         loaders = {"wav2lip": lambda: load_wav2lip(settings, self.device)}
@@ -108,28 +108,28 @@ class LipSyncer:
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
-        self.autocast = autocast_dtype(self.device, settings.precision)
+        self.autocast = autocast_dtype(self.device, settings.runtime.precision)
         self.precision_gap: float | None = None  # max |autocast - fp32| of the output, 8-bit levels
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
         # the fast graphs (lipserve.fast) where the settings and their bounds allow, else the eager modules
         from ..fast import fast_s3fd, fast_wav2lip
 
-        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
-        self.lip_model, report = fast_wav2lip(self.model, settings.wav2lip_backend, self.device, threads, cache)
+        threads, cache = settings.runtime.cpu_threads(), settings.runtime.fast_cache_dir
+        self.lip_model, report = fast_wav2lip(self.model, settings.lipsync.wav2lip_backend, self.device, threads, cache)
         self.fast_paths = {"wav2lip": report.as_dict()}
         s3fd = loaded.get("s3fd")
         if s3fd is not None:
-            s3fd, report = fast_s3fd(s3fd, settings.s3fd_backend, self.device, threads, cache)
+            s3fd, report = fast_s3fd(s3fd, settings.lipsync.s3fd_backend, self.device, threads, cache)
             self.fast_paths["s3fd"] = report.as_dict()
         if detector is None:
             detector = S3FDDetector(s3fd, self.device) if s3fd is not None else HaarDetector()
             if s3fd is None:
-                log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.weights_dir)
+                log.info("s3fd.pth not in %s: faces are found with OpenCV's Haar cascade", settings.runtime.weights_dir)
         self.planner = FacePlanner(settings, detector)
         self.warm_up_report: dict[str, float] | None = None  # set by warm_up()
         if self.autocast is not None:
-            self._check_autocast(keep_anyway=settings.precision != "auto")
+            self._check_autocast(keep_anyway=settings.runtime.precision != "auto")
         log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
 
     @property
@@ -198,11 +198,11 @@ class LipSyncer:
         decodes, computes the mel windows, pastes and encodes. Returns seconds per path."""
         from ..warmup import WarmupReport, warmup_inputs
 
-        inputs = inputs or warmup_inputs(seconds or self.settings.warmup_seconds)
+        inputs = inputs or warmup_inputs(seconds or self.settings.runtime.warmup_seconds)
         report = WarmupReport()
-        pads, resize = tuple(self.settings.pads), int(self.settings.resize_factor)
+        pads, resize = tuple(self.settings.lipsync.pads), int(self.settings.lipsync.resize_factor)
         frames = round(inputs.seconds * inputs.fps)
-        for mode in dict.fromkeys([self.settings.face_mode, "track"]):
+        for mode in dict.fromkeys([self.settings.lipsync.face_mode, "track"]):
             if mode == "box":
                 continue  # nothing to find
             options = LipSyncOptions(face_mode=mode, pads=pads, resize_factor=resize)
@@ -230,7 +230,7 @@ class LipSyncer:
     def resolve(self, options: LipSyncOptions) -> LipSyncOptions:
         """The request's options with what it left unset taken from this stage's settings: the
         stage owns these defaults, so its deployment's user_config is what its requests get."""
-        s = self.settings
+        s = self.settings.lipsync
         return replace(
             options,
             face_mode=options.face_mode or ("box" if options.box is not None else s.face_mode),
@@ -332,7 +332,7 @@ class LipSyncer:
         if self.autocast is not None and kept_anyway is not None:
             notes.append(kept_anyway)
         if rendering.plan.detector == HaarDetector.name:
-            notes.append(HAAR_WARNING.format(folder=self.settings.weights_dir))
+            notes.append(HAAR_WARNING.format(folder=self.settings.runtime.weights_dir))
         passed = rendering.passed_through
         if passed.any():
             spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in frame_ranges(passed)[:6])

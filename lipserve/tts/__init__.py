@@ -2,7 +2,7 @@
 
 Engines: `piper` (offline neural, voices in packages / weights_dir), `espeak` (espeak-ng,
 many languages, optional), `gtts` (Google, needs the internet). `auto` walks
-`settings.tts_order`, skipping engines that are not available or do not speak the
+`settings.speech.tts_order`, skipping engines that are not available or do not speak the
 language, and falls back on backend failures, recording each in `SpeechResult.fallbacks`.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ def build_engines(settings: Settings) -> dict[str, TTSEngine]:
     from lipserve.tts.piper_engine import PiperEngine
 
     return {
-        "piper": PiperEngine(settings.weights_dir, threads=settings.torch_threads),
-        "espeak": EspeakEngine(timeout_s=settings.tts_timeout_s),
-        "gtts": GTTSEngine(timeout_s=settings.tts_timeout_s),
+        "piper": PiperEngine(settings.runtime.weights_dir, threads=settings.runtime.torch_threads),
+        "espeak": EspeakEngine(timeout_s=settings.speech.tts_timeout_s),
+        "gtts": GTTSEngine(timeout_s=settings.speech.tts_timeout_s),
     }
 
 
@@ -47,11 +47,11 @@ class SpeechSynthesizer:
     def __init__(self, settings: Settings, *, engines: Mapping[str, TTSEngine] | None = None):
         self.settings = settings
         self.engines: dict[str, TTSEngine] = dict(engines) if engines is not None else build_engines(settings)
-        unknown = [e for e in settings.tts_order if e not in self.engines]
+        unknown = [e for e in settings.speech.tts_order if e not in self.engines]
         if unknown:
             raise ValueError(f"tts_order names unknown engines {unknown}; known: {sorted(self.engines)}")
-        self.order = list(settings.tts_order)
-        self.cache: LRUCache[SpeechResult] = LRUCache(settings.tts_cache_size)
+        self.order = list(settings.speech.tts_order)
+        self.cache: LRUCache[SpeechResult] = LRUCache(settings.speech.tts_cache_size)
         self.warm_up_report: dict | None = None  # set by warm_up()
         for name, engine in self.engines.items():
             if not engine.available:
@@ -125,7 +125,7 @@ class SpeechSynthesizer:
     def synthesize(self, text: str, language: str = "en", engine: str = "auto", seed: int | None = None, *,
                    use_cache: bool = True) -> SpeechResult:
         """Speech for `text`; with `seed`, the same audio in any process (see TTSEngine.synthesize)."""
-        text = normalize_text(text, self.settings.max_text_chars)
+        text = normalize_text(text, self.settings.limits.max_text_chars)
         language = normalize_language(language or "")
         engine = (engine or "auto").strip().lower()
         candidates = self._candidates(engine)
@@ -166,9 +166,9 @@ class SpeechSynthesizer:
                 fallbacks.append(f"{name}: produced only silence")
                 continue
             seconds = audio.size / TARGET_RATE
-            if seconds > self.settings.max_speech_seconds:
+            if seconds > self.settings.limits.max_speech_seconds:
                 raise TextTooLong(f"the speech would last {seconds:.1f} s; the limit is "
-                                  f"{self.settings.max_speech_seconds:g} s: shorten the text", field="word")
+                                  f"{self.settings.limits.max_speech_seconds:g} s: shorten the text", field="word")
             audio.flags.writeable = False  # the cached copy is shared; callers get copies
             if use_cache:
                 self.cache.put(key, SpeechResult(audio=audio, sample_rate=TARGET_RATE, engine=name, voice=voice,

@@ -79,9 +79,9 @@ def probe_speech(settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
     same audio), 16 kHz; speech-like test signals when no offline engine speaks English here."""
     from ..tts import SpeechSynthesizer
 
-    offline = [name for name in settings.tts_order if name != "gtts"] or ["piper", "espeak"]
+    offline = [name for name in settings.speech.tts_order if name != "gtts"] or ["piper", "espeak"]
     try:
-        tts = SpeechSynthesizer(settings.model_copy(update={"tts_order": offline}))
+        tts = SpeechSynthesizer(settings.replace(**{"tts_order": offline}))
         speech = tts.synthesize(PROBE_TEXT, "en", seed=0)
         reference = tts.synthesize(PROBE_REFERENCE_TEXT, "en", seed=1)
     except LipserveError as exc:
@@ -115,14 +115,14 @@ class VoiceConverter:
         replica's GPU fraction (Ray's num_gpus): it caps this process's CUDA memory (lipserve.gpu).
         """
         self.settings = settings
-        self.variant = settings.freevc_variant
+        self.variant = settings.voice.freevc_variant
         self.cfg = freevc_config(self.variant)
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.runtime.device)
         self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
-        self.precision = settings.precision
-        self.autocast = autocast_dtype(self.device, settings.precision)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        self.precision = settings.runtime.precision
+        self.autocast = autocast_dtype(self.device, settings.runtime.precision)
+        if settings.runtime.torch_threads:
+            torch.set_num_threads(settings.runtime.torch_threads)
         from .loaders import load_speaker_encoder, load_wavlm  # written beside this module
 
         start = time.perf_counter()
@@ -143,7 +143,7 @@ class VoiceConverter:
         self.speaker_encoder = speaker_encoder.to(self.device).eval() if speaker_encoder is not None else None
         self.synthetic_weights = any(synthetic)
         self.load_seconds = time.perf_counter() - start
-        self.speaker_cache: LRUCache[np.ndarray] = LRUCache(settings.speaker_cache_size)
+        self.speaker_cache: LRUCache[np.ndarray] = LRUCache(settings.voice.speaker_cache_size)
         self.reference_cache: LRUCache[np.ndarray] = LRUCache(REFERENCE_CACHE_ENTRIES)
         # speech longer than chunk + 2 * context frames (30 s) goes through WavLM in windows, which bounds
         # attention memory (it grows with frames squared); shorter speech takes the exact single pass
@@ -154,7 +154,7 @@ class VoiceConverter:
         self.precision_gap: PrecisionGap | None = None
         self._choose_fast_paths(settings)  # before the autocast check: its fp32 side runs through the runners
         if self.autocast is not None:
-            self._check_autocast(keep_anyway=settings.precision != "auto")
+            self._check_autocast(keep_anyway=settings.runtime.precision != "auto")
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
 
@@ -162,9 +162,9 @@ class VoiceConverter:
         """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
         from ..fast import fast_synthesizer, fast_wavlm
 
-        threads, cache = settings.cpu_threads(), settings.fast_cache_dir
-        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.wavlm_backend, self.device, threads, cache)
-        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.synthesizer_backend,
+        threads, cache = settings.runtime.cpu_threads(), settings.runtime.fast_cache_dir
+        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.voice.wavlm_backend, self.device, threads, cache)
+        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.voice.synthesizer_backend,
                                                                  self.device, threads, cache)
         self.fast_paths = {"wavlm": wavlm_report.as_dict(), "synthesizer": synth_report.as_dict()}
 
@@ -371,7 +371,7 @@ class VoiceConverter:
         embedding, synthesis). The speaker cache is left untouched. Returns seconds per path."""
         from ..warmup import WarmupReport, warmup_inputs
 
-        inputs = inputs or warmup_inputs(seconds or self.settings.warmup_seconds)
+        inputs = inputs or warmup_inputs(seconds or self.settings.runtime.warmup_seconds)
         report = WarmupReport()
         with report.path("reference_from_video"):
             reference = self.reference_from_video(inputs.video, use_cache=False)

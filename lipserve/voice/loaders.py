@@ -32,7 +32,7 @@ def wavlm_large_config() -> dict:
 
 def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[WavLM, bool]:
     """(WavLM in eval mode on `device`, synthetic). Missing file -> WeightsMissing unless synthetic is allowed."""
-    path = checkpoint_path(settings.weights_dir, WAVLM_FILE)
+    path = checkpoint_path(settings.runtime.weights_dir, WAVLM_FILE)
     if path.is_file():
         ckpt = read_checkpoint(path, "wavlm")
         cfg = ckpt.extra["cfg"]
@@ -52,8 +52,8 @@ def load_wavlm(settings: Settings, device: torch.device | str = "cpu") -> tuple[
         # every tensor is overwritten by the synthetic weights (strict), so skip initialisation
         model = build_uninitialized(lambda: WavLM(wavlm_large_config()))
         # raises WeightsMissing (naming the file and the fetch command) unless synthetic weights are allowed
-        synthetic, _ = load_weights(model, kind="wavlm", filename=WAVLM_FILE, weights_dir=settings.weights_dir,
-                                    allow_synthetic=settings.allow_synthetic_weights, what="WavLM content encoder")
+        synthetic, _ = load_weights(model, kind="wavlm", filename=WAVLM_FILE, weights_dir=settings.runtime.weights_dir,
+                                    allow_synthetic=settings.runtime.allow_synthetic_weights, what="WavLM content encoder")
         if not synthetic:  # the file appeared meanwhile; build from its own cfg instead
             return load_wavlm(settings, device)
     return model.to(device).eval().requires_grad_(False), synthetic
@@ -63,6 +63,6 @@ def load_speaker_encoder(settings: Settings, device: torch.device | str = "cpu")
     """(SpeakerEncoder in eval mode on `device`, synthetic); the file's extra similarity_* keys are ignored."""
     model = build_uninitialized(SpeakerEncoder)  # every tensor is loaded next
     synthetic, _ = load_weights(model, kind="speaker_encoder", filename=SPEAKER_ENCODER_FILE,
-                                weights_dir=settings.weights_dir, allow_synthetic=settings.allow_synthetic_weights,
+                                weights_dir=settings.runtime.weights_dir, allow_synthetic=settings.runtime.allow_synthetic_weights,
                                 what="speaker encoder")
     return model.to(device).eval().requires_grad_(False), synthetic

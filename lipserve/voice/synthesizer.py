@@ -29,11 +29,11 @@ def synthesizer_filename(variant: str) -> str:
 
 
 def load_synthesizer(settings: Settings, device: torch.device | str, variant: str | None = None) -> tuple[SynthesizerTrn, bool]:
-    """(SynthesizerTrn in eval mode on `device`, synthetic) for `variant` (default settings.freevc_variant)."""
-    variant = variant or settings.freevc_variant
+    """(SynthesizerTrn in eval mode on `device`, synthetic) for `variant` (default settings.voice.freevc_variant)."""
+    variant = variant or settings.voice.freevc_variant
     net = build_uninitialized(lambda: SynthesizerTrn(freevc_config(variant)))  # every tensor is loaded next
     synthetic, _ = load_weights(net, kind="freevc", filename=synthesizer_filename(variant),
-                                weights_dir=settings.weights_dir, allow_synthetic=settings.allow_synthetic_weights,
+                                weights_dir=settings.runtime.weights_dir, allow_synthetic=settings.runtime.allow_synthetic_weights,
                                 what=f"voice conversion ({variant})")
     return net.to(device).eval(), synthetic
 

@@ -43,8 +43,8 @@ def store_upload(data: bytes, filename: str | None, settings: Settings, storage)
     then write it under uploads/ with a generated name."""
     from ..pipeline import check_video
 
-    if len(data) > settings.max_input_bytes:
-        raise InputTooLarge(f"the upload is larger than the limit of {settings.max_input_bytes} bytes", field="body")
+    if len(data) > settings.limits.max_input_bytes:
+        raise InputTooLarge(f"the upload is larger than the limit of {settings.limits.max_input_bytes} bytes", field="body")
     info = check_video(data, settings)
     uri = upload_uri(filename)
     storage.write_bytes(uri, data, overwrite=False)
@@ -63,4 +63,4 @@ def media_type(uri: str) -> str:
 def read_media(uri: str, settings: Settings, storage) -> tuple[bytes, str]:
     """The bytes of a media file the API may read (root / allowed buckets), and its media type."""
     kind = media_type(uri)
-    return storage.read_bytes(uri, max_bytes=settings.max_input_bytes), kind
+    return storage.read_bytes(uri, max_bytes=settings.limits.max_input_bytes), kind

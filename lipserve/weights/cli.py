@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dest", type=Path, default=None,
-                        help="weights folder (default: settings.weights_dir, LIPSERVE_WEIGHTS_DIR)")
+                        help="weights folder (default: settings.runtime.weights_dir, LIPSERVE_WEIGHTS_DIR)")
     common.add_argument("--manifest", type=Path, default=None,
                         help="manifest file (default: weights/manifest.toml, LIPSERVE_WEIGHTS_MANIFEST)")
 
@@ -60,7 +60,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _context(args):
     settings = get_settings()
     manifest = load_manifest(args.manifest)
-    dest = args.dest if args.dest is not None else Path(settings.weights_dir)
+    dest = args.dest if args.dest is not None else Path(settings.runtime.weights_dir)
     return settings, manifest, dest
 
 
@@ -133,7 +133,7 @@ def _print_plans(settings, manifest, dest, checks=None) -> None:
     if checks is None:
         checks = verify_all(manifest, dest)
     print(f"\nWhat each stage will load (weights_dir={dest}, "
-          f"wav2lip_checkpoint={settings.wav2lip_checkpoint}, freevc_variant={settings.freevc_variant}):")
+          f"wav2lip_checkpoint={settings.lipsync.wav2lip_checkpoint}, freevc_variant={settings.voice.freevc_variant}):")
     for plan in stage_plans(settings, manifest, checks):
         print(f"  {plan.stage:8s} {plan.loads}")
 

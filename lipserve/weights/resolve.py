@@ -65,7 +65,7 @@ def load_weights(module: torch.nn.Module, *, kind: str, filename: str, weights_d
             searched = Path(weights_dir).resolve()
             raise WeightsMissing(
                 f"{what} needs {searched / filename}, which is missing (weights folder searched: {searched}; "
-                f"settings.weights_dir / LIPSERVE_WEIGHTS_DIR choose it). Fetch it with `lipserve weights fetch "
+                f"settings.runtime.weights_dir / LIPSERVE_WEIGHTS_DIR choose it). Fetch it with `lipserve weights fetch "
                 f"{filename}` or place it there by hand; or set LIPSERVE_ALLOW_SYNTHETIC_WEIGHTS=1 to run on "
                 f"synthetic weights (output not meaningful)."
             )

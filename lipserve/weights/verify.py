@@ -72,13 +72,13 @@ class StagePlan:
 
 def needed_files(settings: Settings, manifest: Manifest) -> dict[str, list[WeightEntry]]:
     """The manifest entries each stage uses under these settings."""
-    variant_of = {"lipsync": settings.wav2lip_checkpoint, "face": "s3fd", "voice": settings.freevc_variant}
+    variant_of = {"lipsync": settings.lipsync.wav2lip_checkpoint, "face": "s3fd", "voice": settings.voice.freevc_variant}
     return {stage: [e for e in manifest.entries if e.stage == stage and e.used_by(variant_of[stage])]
             for stage in ("lipsync", "face", "voice")}
 
 
 def stage_plans(settings: Settings, manifest: Manifest, checks: list[FileCheck]) -> list[StagePlan]:
-    """What each stage will load, given the files present (checks) and settings.allow_synthetic_weights."""
+    """What each stage will load, given the files present (checks) and settings.runtime.allow_synthetic_weights."""
     by_file = {c.file: c for c in checks}
     plans = []
     for stage, entries in needed_files(settings, manifest).items():
@@ -93,7 +93,7 @@ def stage_plans(settings: Settings, manifest: Manifest, checks: list[FileCheck])
         elif stage == "face":
             # never synthetic S3FD: boxes must stay real, so the face stage has a real fallback
             plans.append(StagePlan(stage, files, "OpenCV Haar cascade fallback (s3fd.pth missing)", True))
-        elif settings.allow_synthetic_weights:
+        elif settings.runtime.allow_synthetic_weights:
             plans.append(StagePlan(stage, files, f"SYNTHETIC weights (missing {', '.join(missing)}): output not meaningful", True))
         else:
             plans.append(StagePlan(stage, files, f"WILL FAIL: missing {', '.join(missing)} "
