@@ -115,7 +115,7 @@ def main() -> None:
     wanted = [vc.autocast] if vc.autocast is not None else []
     wanted += [dtypes[name] for name in args.gap if dtypes[name] not in wanted]
     if wanted:
-        probe = probe_speech(settings)
+        probe = probe_speech()
         saved = vc.autocast
         for dtype in wanted:
             vc.autocast = dtype

@@ -19,6 +19,7 @@ import ray
 from lipserve.errors import LipserveError, ModelNotLoaded
 from lipserve.logs import configure_logging
 from lipserve.pipeline import StageOutput
+from lipserve.runtime import Stage
 from lipserve.settings import Settings, split_by_section
 
 from .metrics import stage_metrics
@@ -126,7 +127,9 @@ class StageReplica:
         start = time.perf_counter()
         worker = self.build(settings)
         timings["build"] = time.perf_counter() - start
-        if settings.runtime.warmup and hasattr(worker, "warm_up"):
+        if not isinstance(worker, Stage):
+            raise TypeError(f"{self.stage}: {type(worker).__name__} is not a lipserve.runtime.Stage")
+        if settings.runtime.warmup:
             start = time.perf_counter()
             worker.warm_up(seconds=settings.runtime.warmup_seconds)
             timings["warm_up"] = time.perf_counter() - start
@@ -152,8 +155,7 @@ class StageReplica:
         """Called by Serve periodically; raising marks the replica unhealthy (it is replaced)."""
         if self.worker is None:
             raise ModelNotLoaded(f"{self.stage}: model not loaded")
-        device = getattr(self.worker, "device", None)
-        if device is not None and getattr(device, "type", "cpu") == "cuda":
+        if self.worker.device.type == "cuda":
             import torch
 
             if not torch.cuda.is_available():
@@ -161,18 +163,17 @@ class StageReplica:
 
     def describe_stage(self) -> dict:
         desc = dict(self.worker.describe()) if self.worker is not None else {}
-        device = getattr(self.worker, "device", None)
         desc.update({
             "up": self.worker is not None,
             "model_loaded": self.worker is not None,
-            "device": str(device) if device is not None else "cpu",
-            "synthetic": bool(getattr(self.worker, "synthetic_weights", False)),
+            "device": str(self.worker.device) if self.worker is not None else "cpu",
+            "synthetic": bool(self.worker is not None and self.worker.synthetic_weights),
             "replica_pid": _pid(),
             "replica_id": _replica_id(),
             "gpu_ids": _gpu_ids(),  # what Ray assigned (logical on a CPU box; torch may still see none)
             "gpu_share": replica_gpu_share(),  # this replica's num_gpus; its CUDA memory is capped at it
             "start_seconds": dict(self.start_seconds),
-            "warmed_up": bool(getattr(self.worker, "warm_up_report", None)),
+            "warmed_up": bool(self.worker is not None and self.worker.warm_up_report),
             "in_flight": {step: n for step, n in self.in_flight.items() if n},
             "settings_overrides": self.overrides,
         })
@@ -186,9 +187,8 @@ class StageReplica:
         `preload()`, if it has one), runs the warm-up when the replica started without it
         (LIPSERVE_WARMUP=0), and proves the replica answers. Idempotent."""
         self.check_health()
-        if hasattr(self.worker, "preload"):
-            await asyncio.to_thread(self.worker.preload)
-        if hasattr(self.worker, "warm_up") and not getattr(self.worker, "warm_up_report", None):
+        await asyncio.to_thread(self.worker.preload)
+        if not self.worker.warm_up_report:
             start = time.perf_counter()
             await asyncio.to_thread(self.worker.warm_up, seconds=self.settings.runtime.warmup_seconds)
             self.start_seconds = {**self.start_seconds, "warm_up": round(time.perf_counter() - start, 3)}

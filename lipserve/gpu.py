@@ -39,10 +39,10 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, OOM_ERRORS)
 
 
-def memory_fraction(settings, gpu_share: float | None) -> float | None:
-    """The cap for a stage: the `gpu_memory_fraction` setting, else the replica's GPU share."""
-    if settings.runtime.gpu_memory_fraction is not None:
-        return float(settings.runtime.gpu_memory_fraction)
+def memory_fraction(configured: float | None, gpu_share: float | None) -> float | None:
+    """The cap for a stage: the `gpu_memory_fraction` setting (`configured`), else the replica's GPU share."""
+    if configured is not None:
+        return float(configured)
     if gpu_share is None or gpu_share <= 0:
         return None
     return min(1.0, float(gpu_share))

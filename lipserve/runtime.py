@@ -27,7 +27,7 @@ class ModelRuntime:
         """`gpu_share`: the replica's GPU fraction (Ray's num_gpus); caps CUDA memory (lipserve.gpu)."""
         self.settings = settings
         self.device = pick_device(settings.device)
-        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
+        self.memory_cap = cap_memory(self.device, memory_fraction(settings.gpu_memory_fraction, gpu_share))
         self.autocast = autocast_dtype(self.device, settings.precision)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -42,12 +42,16 @@ class ModelRuntime:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
-    def settle_autocast(self, stage: str, figures: str, within: bool, usable: bool = True) -> bool:
+    def settle_autocast(self, stage: str, figures: str, within: bool, usable: bool = True,
+                        keep_anyway: bool | None = None) -> bool:
         """Keep the autocast dtype when its measured gap to fp32 (`figures`) is `within` the stage's
-        tolerance, or when precision was set explicitly and the output is still `usable`; else fp32."""
+        tolerance, or when precision was set explicitly (`keep_anyway`, by default: the setting is not
+        auto) and the output is still `usable`; else fp32."""
+        if keep_anyway is None:
+            keep_anyway = self.settings.precision != "auto"
         if within:
             log.info("%s: %s: kept", stage, figures)
-        elif self.settings.precision != "auto" and usable:
+        elif keep_anyway and usable:
             log.warning("%s: %s: kept because precision was set explicitly", stage, figures)
         else:
             log.warning("%s: %s: using fp32", stage, figures)

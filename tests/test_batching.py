@@ -183,7 +183,8 @@ def test_voice_content_retries_wavlm_in_shorter_windows(monkeypatch):
 
     wavlm = FakeWavLM()
     fake = SimpleNamespace(wavlm=wavlm, device=CPU, wavlm_chunk_frames=1000, wavlm_context_frames=250,
-                           _autocast=lambda: torch.autocast("cpu", enabled=False), _content_runner=lambda: wavlm)
+                           runtime=SimpleNamespace(autocast_context=lambda: torch.autocast("cpu", enabled=False)),
+                           _content_runner=lambda: wavlm)
     features = VoiceConverter.content(fake, np.zeros(16000 * 20, dtype=np.float32))  # 20 s: 1000 frames
     assert features.shape == (1, 4, 1000)
     assert tried[0] == (1000, 250) and tried[-1][0] < 500
@@ -192,9 +193,9 @@ def test_voice_content_retries_wavlm_in_shorter_windows(monkeypatch):
 # ----------------------------------------------------------------------------- memory budget
 
 def test_memory_fraction_and_cap():
-    assert memory_fraction(Settings(), None) is None          # one process: no cap
-    assert memory_fraction(Settings(), 0.5) == 0.5            # the replica's Ray share
-    assert memory_fraction(Settings(gpu_memory_fraction=0.3), 0.5) == 0.3  # the setting wins
+    assert memory_fraction(None, None) is None          # one process: no cap
+    assert memory_fraction(None, 0.5) == 0.5            # the replica's Ray share
+    assert memory_fraction(Settings(gpu_memory_fraction=0.3).runtime.gpu_memory_fraction, 0.5) == 0.3  # the setting wins
     assert cap_memory(CPU, 0.5) is None                       # nothing to cap on a CPU
 
 

@@ -153,13 +153,36 @@ def test_serve_configs_are_valid_and_bind(name):
 
 
 class _Worker:
+    """A stand-in lipserve.runtime.Stage."""
+
     def __init__(self, settings, device="cpu"):
         import torch
 
         self.settings, self.device, self.synthetic_weights = settings, torch.device(device), True
+        self.warm_up_report = None
+
+    def preload(self):
+        pass
+
+    def warm_up(self, seconds=1.0, inputs=None):
+        self.warm_up_report = {"path": 0.0}
+        return self.warm_up_report
 
     def describe(self):
         return {"engine": "stub"}
+
+
+def test_the_stage_objects_are_stages():
+    """What StageReplica relies on, without asking the object: the Stage protocol."""
+    from lipserve.lipsync import LipSyncer
+    from lipserve.runtime import Stage
+    from lipserve.tts import SpeechSynthesizer
+    from lipserve.voice import VoiceConverter
+
+    for cls in (SpeechSynthesizer, VoiceConverter, LipSyncer):
+        missing = [name for name in ("preload", "warm_up", "describe", "device") if not hasattr(cls, name)]
+        assert missing == [], f"{cls.__name__} lacks {missing}"
+    assert isinstance(_Worker(None), Stage) and not isinstance(object(), Stage)
 
 
 def _replica(builds: list):

@@ -265,3 +265,23 @@ def test_a_returning_video_reuses_its_trimmed_reference(converters, astronaut_st
     again = vc.reference_from_video(bytes(astronaut_still))  # same bytes, another object
     assert decoded == [] and again is first  # no second decode of the audio track
     assert np.array_equal(first, reference_from_video(astronaut_still))
+
+
+def test_the_precision_check_speech_is_shipped_real_speech_and_needs_no_tts():
+    """The autocast check's input is the recorded asset (devtools/make_voice_probe.py), read without
+    building a TTS engine: two sentences of voiced 16 kHz speech, different from each other."""
+    from lipserve import tts
+    from lipserve.voice.converter import CONTENT_RATE, probe_speech
+
+    built = []
+    original = tts.SpeechSynthesizer.__init__
+    tts.SpeechSynthesizer.__init__ = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        speech, reference, what = probe_speech()
+    finally:
+        tts.SpeechSynthesizer.__init__ = original
+    assert built == [] and "precision_speech.flac" in what
+    for audio in (speech, reference):
+        assert 2.0 < audio.size / CONTENT_RATE < 8.0
+        assert 0.05 < float(np.sqrt(np.mean(audio ** 2))) < 0.5  # voiced, not silence or clipping
+    assert speech.size != reference.size

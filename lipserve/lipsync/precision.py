@@ -63,20 +63,6 @@ def output_gap(reduced: Forward, fp32: Forward, device: torch.device, n_faces: i
     return float((approximate.float() - exact.float()).abs().max()) * 255.0
 
 
-def keep_autocast(name: str, gap: float, keep_anyway: bool) -> bool:
-    """Whether `name` autocast, `gap` levels from fp32, is kept: within AUTOCAST_MAX_LEVELS, or set explicitly."""
-    if gap <= AUTOCAST_MAX_LEVELS:
-        log.info("lip sync: %s autocast within %.3f levels of fp32 (tolerance %.2f)", name, gap, AUTOCAST_MAX_LEVELS)
-        return True
-    if keep_anyway:
-        log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); kept because "
-                    "precision was set explicitly", name, gap, AUTOCAST_MAX_LEVELS)
-        return True
-    log.warning("lip sync: %s autocast differs from fp32 by %.3f levels (tolerance %.2f); using fp32",
-                name, gap, AUTOCAST_MAX_LEVELS)
-    return False
-
-
 def precision_warning(name: str, gap: float | None) -> str | None:
     """The response's note when autocast runs although it is further than AUTOCAST_MAX_LEVELS from fp32."""
     if gap is None or gap <= AUTOCAST_MAX_LEVELS:

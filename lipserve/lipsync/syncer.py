@@ -28,10 +28,10 @@ from .. import media
 from ..audio.wav2lip_mel import melspectrogram
 from ..batching import SharedForward, merge_enabled
 from ..cache import LRUCache
-from ..device import autocast_dtype, pick_device
 from ..errors import InvalidAudio, InvalidMedia, NoFaceFound
-from ..gpu import BatchBudget, cap_memory, memory_fraction
+from ..gpu import BatchBudget
 from ..media import VideoInfo
+from ..runtime import ModelRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
 from . import precision
@@ -91,8 +91,7 @@ class LipSyncer:
     def __init__(self, settings: Settings, gpu_share: float | None = None, detector: FaceDetector | None = None):
         """`gpu_share`: the replica's GPU fraction (Ray's num_gpus); caps CUDA memory (lipserve.gpu).
         `detector`: finds the faces instead of S3FD or the Haar fallback (then s3fd.pth is not loaded)."""
-        self.device = pick_device(settings.runtime.device)
-        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
+        self.runtime = ModelRuntime(settings.runtime, gpu_share)
         self.budget = BatchBudget(self.device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=CUDA_MAX_MERGED,
                                   cpu_items=CPU_MAX_MERGED, cap_bytes=self.memory_cap)
         # every Wav2Lip forward goes through this: concurrent requests' frames share forwards
@@ -108,19 +107,17 @@ class LipSyncer:
         if self.synthetic_weights:
             log.warning("LIP SYNC ON SYNTHETIC WEIGHTS: %s is missing; every result is flagged "
                         "synthetic_weights=true and its mouths are NOT meaningful", wav2lip_filename(settings))
-        self.autocast = autocast_dtype(self.device, settings.runtime.precision)
         self.precision_gap: float | None = None  # max |autocast - fp32| of the output, 8-bit levels
         # crop/blend with torch ops on an accelerator, with cv2 on CPU (see blend.py)
         self.tensor_ops = self.device.type != "cpu"
         # the fast graphs (lipserve.fast) where the settings and their bounds allow, else the eager modules
         from ..fast import fast_s3fd, fast_wav2lip
 
-        threads, cache = settings.runtime.cpu_threads(), settings.runtime.fast_cache_dir
-        self.lip_model, report = fast_wav2lip(self.model, settings.lipsync.wav2lip_backend, self.device, threads, cache)
+        self.lip_model, report = self.runtime.fast(fast_wav2lip, self.model, settings.lipsync.wav2lip_backend)
         self.fast_paths = {"wav2lip": report.as_dict()}
         s3fd = loaded.get("s3fd")
         if s3fd is not None:
-            s3fd, report = fast_s3fd(s3fd, settings.lipsync.s3fd_backend, self.device, threads, cache)
+            s3fd, report = self.runtime.fast(fast_s3fd, s3fd, settings.lipsync.s3fd_backend)
             self.fast_paths["s3fd"] = report.as_dict()
         if detector is None:
             detector = S3FDDetector(s3fd, self.device) if s3fd is not None else HaarDetector()
@@ -129,8 +126,25 @@ class LipSyncer:
         self.planner = FacePlanner(settings, detector)
         self.warm_up_report: dict[str, float] | None = None  # set by warm_up()
         if self.autocast is not None:
-            self._check_autocast(keep_anyway=settings.runtime.precision != "auto")
+            self._check_autocast()
         log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
+
+    # where the networks run: the runtime's (one owner for device, memory cap and autocast)
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def memory_cap(self) -> int | None:
+        return self.runtime.memory_cap
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return self.runtime.autocast
+
+    @autocast.setter
+    def autocast(self, dtype: torch.dtype | None) -> None:
+        self.runtime.autocast = dtype
 
     @property
     def settings(self) -> Settings:
@@ -159,15 +173,17 @@ class LipSyncer:
         return precision.output_gap(lambda w, f: self._run(w, f, self.autocast), lambda w, f: self._run(w, f, None),
                                     self.device, n_faces)
 
-    def _check_autocast(self, keep_anyway: bool, gap: float | None = None) -> None:
+    def _check_autocast(self, keep_anyway: bool | None = None, gap: float | None = None) -> None:
         """Keep the autocast dtype if `gap` (measured now when not given) is within AUTOCAST_MAX_LEVELS."""
         self.precision_gap = self.autocast_gap() if gap is None else gap
-        if not precision.keep_autocast(self.precision_name, self.precision_gap, keep_anyway):
-            self.autocast = None
+        figures = (f"{self.precision_name} autocast differs from fp32 by {self.precision_gap:.3f} levels "
+                   f"(tolerance {precision.AUTOCAST_MAX_LEVELS:.2f})")
+        self.runtime.settle_autocast("lip sync", figures, self.precision_gap <= precision.AUTOCAST_MAX_LEVELS,
+                                     keep_anyway=keep_anyway)
 
     @property
     def precision_name(self) -> str:
-        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast, "fp32")
+        return self.runtime.precision_name
 
     # ------------------------------------------------------------------ public
 
@@ -187,6 +203,9 @@ class LipSyncer:
             "load_timings": {name: round(seconds, 3) for name, seconds in self.load_timings.items()},
             "warm_up": self.warm_up_report,
         }
+
+    def preload(self) -> None:
+        """Nothing is lazy here: the networks load in the constructor."""
 
     def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
         """Every path of a request once, on synthetic inputs (lipserve.warmup), caches untouched.

@@ -13,6 +13,8 @@ from typing import Mapping
 
 from lipserve.cache import LRUCache
 from lipserve.errors import InvalidField, TextTooLong, TTSUnavailable, UnsupportedLanguage
+import torch
+
 from lipserve.settings import Settings
 from lipserve.tts.base import EngineAudio, SpeechResult, TTSEngine, normalize_language
 from lipserve.tts.postprocess import TARGET_RATE, finish
@@ -44,6 +46,11 @@ def _list_languages(per_engine: Mapping[str, list[str]]) -> str:
 
 
 class SpeechSynthesizer:
+    """A Stage (lipserve.runtime): its engines run on the CPU and carry no synthetic weights."""
+
+    device = torch.device("cpu")
+    synthetic_weights = False
+
     def __init__(self, settings: Settings, *, engines: Mapping[str, TTSEngine] | None = None):
         self.settings = settings
         self.engines: dict[str, TTSEngine] = dict(engines) if engines is not None else build_engines(settings)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import librosa
@@ -27,10 +27,10 @@ import torch
 
 from .. import heap
 from ..cache import LRUCache, content_key
-from ..device import autocast_dtype, pick_device
-from ..errors import InvalidAudio, LipserveError
-from ..gpu import cap_memory, first_that_fits, memory_fraction
+from ..errors import InvalidAudio
+from ..gpu import first_that_fits
 from ..models.freevc_configs import freevc_config
+from ..runtime import ModelRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
 from . import reference as reference_mod
@@ -50,8 +50,9 @@ REFERENCE_CACHE_ENTRIES = 32  # trimmed reference voices by video hash (up to 60
 # -52.9), bf16 -48.7 dBFS (peak -34.7), so bf16 falls back. Not yet measured on a GPU or real weights;
 # the check runs at every load, so real checkpoints are judged on their own figures.
 AUTOCAST_MAX_GAP_DBFS = -60.0
-PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests in the shade."
-PROBE_REFERENCE_TEXT = "I would like to hear how my own voice sounds when somebody else speaks."
+# the precision check's input: two offline-TTS sentences (speech, reference), one per channel
+# (written by devtools/make_voice_probe.py), so the voice stage never builds a TTS engine for it
+PRECISION_SPEECH = Path(__file__).parent / "assets" / "precision_speech.flac"
 FLOOR_DBFS = -200.0  # what an exact match reads as (keeps the figures finite, for JSON)
 
 
@@ -74,22 +75,14 @@ class PrecisionGap:
         return self.finite and self.rms_dbfs <= limit_dbfs
 
 
-def probe_speech(settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
-    """(speech, reference, what): two sentences from the offline TTS (seeded, so every load checks the
-    same audio), 16 kHz; speech-like test signals when no offline engine speaks English here."""
-    from ..tts import SpeechSynthesizer
+def probe_speech() -> tuple[np.ndarray, np.ndarray, str]:
+    """(speech, reference, what) for the precision check: 16 kHz mono float32, trailing padding trimmed."""
+    import soundfile
 
-    offline = [name for name in settings.speech.tts_order if name != "gtts"] or ["piper", "espeak"]
-    try:
-        tts = SpeechSynthesizer(settings.replace(**{"tts_order": offline}))
-        speech = tts.synthesize(PROBE_TEXT, "en", seed=0)
-        reference = tts.synthesize(PROBE_REFERENCE_TEXT, "en", seed=1)
-    except LipserveError as exc:
-        from ..warmup import speechlike
-
-        log.warning("voice: no offline TTS for the precision check (%s); using speech-like test signals", exc)
-        return speechlike(4.0, CONTENT_RATE, seed=21), speechlike(4.0, CONTENT_RATE, seed=22), "speech-like test signal"
-    return speech.audio, reference.audio, f"{speech.engine}:{speech.voice}"
+    both, rate = soundfile.read(PRECISION_SPEECH, dtype="float32", always_2d=True)
+    assert rate == CONTENT_RATE, f"{PRECISION_SPEECH} is {rate} Hz, not {CONTENT_RATE}"
+    speech, reference = (np.trim_zeros(both[:, k], "b") for k in (0, 1))
+    return np.ascontiguousarray(speech), np.ascontiguousarray(reference), f"recorded TTS speech ({PRECISION_SPEECH.name})"
 
 
 @dataclass
@@ -117,12 +110,7 @@ class VoiceConverter:
         self.settings = settings
         self.variant = settings.voice.freevc_variant
         self.cfg = freevc_config(self.variant)
-        self.device = pick_device(settings.runtime.device)
-        self.memory_cap = cap_memory(self.device, memory_fraction(settings, gpu_share))
-        self.precision = settings.runtime.precision
-        self.autocast = autocast_dtype(self.device, settings.runtime.precision)
-        if settings.runtime.torch_threads:
-            torch.set_num_threads(settings.runtime.torch_threads)
+        self.runtime = ModelRuntime(settings.runtime, gpu_share)
         from .loaders import load_speaker_encoder, load_wavlm  # written beside this module
 
         start = time.perf_counter()
@@ -154,18 +142,34 @@ class VoiceConverter:
         self.precision_gap: PrecisionGap | None = None
         self._choose_fast_paths(settings)  # before the autocast check: its fp32 side runs through the runners
         if self.autocast is not None:
-            self._check_autocast(keep_anyway=settings.runtime.precision != "auto")
+            self._check_autocast()
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
+
+    # where the networks run: the runtime's (one owner for device, memory cap and autocast)
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def memory_cap(self) -> int | None:
+        return self.runtime.memory_cap
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return self.runtime.autocast
+
+    @autocast.setter
+    def autocast(self, dtype: torch.dtype | None) -> None:
+        self.runtime.autocast = dtype
 
     def _choose_fast_paths(self, settings: Settings) -> None:
         """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
         from ..fast import fast_synthesizer, fast_wavlm
 
-        threads, cache = settings.runtime.cpu_threads(), settings.runtime.fast_cache_dir
-        self.content_encoder, wavlm_report = fast_wavlm(self.wavlm, settings.voice.wavlm_backend, self.device, threads, cache)
-        self.synthesizer_runner, synth_report = fast_synthesizer(self.synthesizer, settings.voice.synthesizer_backend,
-                                                                 self.device, threads, cache)
+        self.content_encoder, wavlm_report = self.runtime.fast(fast_wavlm, self.wavlm, settings.voice.wavlm_backend)
+        self.synthesizer_runner, synth_report = self.runtime.fast(fast_synthesizer, self.synthesizer,
+                                                                  settings.voice.synthesizer_backend)
         self.fast_paths = {"wavlm": wavlm_report.as_dict(), "synthesizer": synth_report.as_dict()}
 
     # autocast (reduced precision, a CUDA feature) applies to the eager modules; the fast graphs are CPU fp32
@@ -181,7 +185,7 @@ class VoiceConverter:
 
     def autocast_gap(self, probe: tuple[np.ndarray, np.ndarray, str] | None = None) -> PrecisionGap:
         """The current autocast dtype against fp32, on real speech (`probe_speech`) converted with noise off."""
-        speech, reference, what = probe if probe is not None else probe_speech(self.settings)
+        speech, reference, what = probe if probe is not None else probe_speech()
         speaker = self.embed_speaker(reference_mod.trim_silence(reference))
         reduced = self.synthesize(self.content(speech), speaker, deterministic=True)
         saved, self.autocast = self.autocast, None
@@ -196,24 +200,19 @@ class VoiceConverter:
         return PrecisionGap(rms_dbfs=dbfs(difference), peak_dbfs=max(FLOOR_DBFS, 20 * np.log10(peak)) if peak > 0
                             else FLOOR_DBFS, probe=what)
 
-    def _check_autocast(self, keep_anyway: bool, gap: PrecisionGap | None = None) -> None:
+    def _check_autocast(self, keep_anyway: bool | None = None, gap: PrecisionGap | None = None) -> None:
         """Keep the autocast dtype if `gap` (measured now when not given) is within the tolerance."""
         self.precision_gap = self.autocast_gap() if gap is None else gap
         gap = self.precision_gap
         figures = (f"{self.autocast} autocast differs from fp32 by {gap.rms_dbfs:.1f} dBFS RMS (peak "
                    f"{gap.peak_dbfs:.1f} dBFS)" if gap.finite else f"{self.autocast} autocast gives non-finite audio")
         figures += f" on {gap.probe}; tolerance {AUTOCAST_MAX_GAP_DBFS:g} dBFS RMS"
-        if self.precision_gap.within(AUTOCAST_MAX_GAP_DBFS):
-            log.info("voice: %s: kept", figures)
-        elif keep_anyway and self.precision_gap.finite:
-            log.warning("voice: %s: kept because precision was set explicitly", figures)
-        else:
-            log.warning("voice: %s: using fp32", figures)
-            self.autocast = None
+        self.runtime.settle_autocast("voice", figures, gap.within(AUTOCAST_MAX_GAP_DBFS), usable=gap.finite,
+                                     keep_anyway=keep_anyway)
 
     @property
     def precision_name(self) -> str:
-        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast]
+        return self.runtime.precision_name
 
     # -- the reference voice -------------------------------------------------------------------
 
@@ -235,17 +234,12 @@ class VoiceConverter:
 
     # -- the steps -------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.autocast is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
-
     def content(self, speech16: np.ndarray) -> torch.Tensor:
         """WavLM features of 16 kHz speech, channels first: [1, 1024, frames] float32."""
         wav = torch.from_numpy(np.ascontiguousarray(speech16, dtype=np.float32))[None].to(self.device)
 
         def extract(chunk_frames: int, context_frames: int):
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.runtime.autocast_context():
                 if hasattr(self.wavlm, "extract_features_chunked"):
                     return self.wavlm.extract_features_chunked(
                         wav, chunk_frames=chunk_frames, context_frames=context_frames,
@@ -293,7 +287,7 @@ class VoiceConverter:
         g = torch.from_numpy(speaker)[None].to(self.device)
 
         def infer():
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.runtime.autocast_context():
                 return self._synthesis_runner().infer(content, g, noise_scale=0.0 if deterministic else 1.0,
                                                       generator=generator)
 
@@ -363,6 +357,9 @@ class VoiceConverter:
         embedding = self.embed_speaker(wav)
         norms = float(np.linalg.norm(speaker) * np.linalg.norm(embedding))
         return round(float(np.dot(speaker, embedding)) / norms, 4) if norms > 0 else None
+
+    def preload(self) -> None:
+        """Nothing is lazy here: the networks load in the constructor."""
 
     def warm_up(self, seconds: float | None = None, inputs=None) -> dict[str, float]:
         """Every path of a request once, on synthetic inputs (lipserve.warmup): the reference voice
