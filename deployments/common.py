@@ -18,6 +18,7 @@ import ray
 
 from lipserve.errors import LipserveError, ModelNotLoaded
 from lipserve.logs import configure_logging
+from lipserve.media import SourceVideo
 from lipserve.pipeline import StageOutput
 from lipserve.runtime import Stage
 from lipserve.settings import Settings, split_by_section
@@ -79,7 +80,10 @@ class SharedBytes:
         return await self.ref
 
 
-async def resolve(data) -> bytes:
+async def resolve(data):
+    """The bytes behind a SharedBytes (also inside a SourceVideo); anything else as given."""
+    if isinstance(data, SourceVideo):
+        return data.with_data(await resolve(data.data))
     return await data.get() if isinstance(data, SharedBytes) else data
 
 

@@ -37,7 +37,8 @@ from lipserve.contract import (
 )
 from lipserve.errors import JobNotFound, LipserveError, ModelNotLoaded
 from lipserve.logs import configure_logging
-from lipserve.pipeline import new_request_id, orchestrate, preflight, with_timeout
+from lipserve.checks import preflight
+from lipserve.pipeline import new_request_id, orchestrate, with_timeout
 from lipserve.storage import Storage
 
 from .admission import Admission, AdmissionGate, InFlight

@@ -77,12 +77,13 @@ def cmd_run(args) -> int:
                               options=RequestOptions(**options))
 
     # refuse what can be refused before the models load (tens of seconds on a CPU)
-    from .pipeline import Pipeline, check_video, check_voice_source, preflight
+    from .checks import check_video, check_voice_source, preflight
+    from .pipeline import Pipeline
     from .storage import Storage
 
     storage = Storage(settings)
     pre = preflight(request, settings, storage)
-    check_voice_source(check_video(storage.read_bytes(request.user_video_gs), settings), pre.reference_uri)
+    check_voice_source(check_video(storage.read_bytes(request.user_video_gs), settings).info, pre.reference_uri)
 
     progress = StageLines()
     print("loading models (once per process) ...", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidField, all_error_classes
 
@@ -23,6 +23,13 @@ EXAMPLE_REQUEST: dict[str, Any] = {
 }
 
 
+# the lip-sync option rules, defined once: the request's validators below and LipSyncer's own
+# check of the options it resolved (lipserve.lipsync.options) both read these
+FACE_MODES = ("auto", "static", "track", "box")
+MAX_PAD = 512
+MAX_RESIZE_FACTOR = 8
+
+
 class FaceBox(BaseModel):
     """A face box in source pixels: 0 <= x1 < x2, 0 <= y1 < y2."""
 
@@ -31,6 +38,12 @@ class FaceBox(BaseModel):
     y1: int
     x2: int
     y2: int
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.x2 <= self.x1 or self.y2 <= self.y1 or min(self.x1, self.y1) < 0:
+            raise ValueError("box must have 0 <= x1 < x2 and 0 <= y1 < y2")
+        return self
 
 
 class RequestOptions(BaseModel):
@@ -44,7 +57,7 @@ class RequestOptions(BaseModel):
     box: FaceBox | None = Field(None, description="Face box in source pixels, for face_mode='box'.")
     pads: tuple[int, int, int, int] | None = Field(
         None, description="Face crop padding in pixels: top, bottom, left, right; each 0..512. Default: the pads setting.")
-    resize_factor: int | None = Field(None, ge=1, le=8, description="Downscale the source by this factor before lip "
+    resize_factor: int | None = Field(None, ge=1, le=MAX_RESIZE_FACTOR, description="Downscale the source by this factor before lip "
                                                                   "sync. Default: the resize_factor setting.")
     overwrite: bool = Field(False, description="Replace output_video_gs if it exists; otherwise an existing output "
                                                "is 409 output_exists.")
@@ -58,10 +71,16 @@ class RequestOptions(BaseModel):
 
     @field_validator("pads")
     @classmethod
-    def _pads_non_negative(cls, v):
-        if v is not None and any(p < 0 or p > 512 for p in v):
-            raise ValueError("pads must each be within 0..512")
+    def _pads_in_range(cls, v):
+        if v is not None and any(p < 0 or p > MAX_PAD for p in v):
+            raise ValueError(f"pads must each be within 0..{MAX_PAD}")
         return v
+
+    @model_validator(mode="after")
+    def _box_mode_needs_a_box(self):
+        if self.face_mode == "box" and self.box is None:
+            raise ValueError("face_mode 'box' needs options.box")
+        return self
 
 
 class LipVideoRequest(BaseModel):

@@ -7,8 +7,8 @@ The orchestration is written once, in `orchestrate()`, against a small `Stages` 
   (deployments/stages.py).
 
 So both paths validate the same way, overlap the same branches and build the same response.
-The pure helpers (`preflight`, `check_video`, `lipsync_options`, `build_response`, ...) are the
-pieces the ingress also calls directly. This module never imports Ray.
+The checks a request meets before the heavy work live in lipserve.checks; `build_response` and
+the rest here are the pieces the ingress also calls directly. This module never imports Ray.
 """
 from __future__ import annotations
 
@@ -21,17 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .contract import LipVideoRequest, LipVideoResponse
-from .errors import (
-    AudioTooLong,
-    EmptyText,
-    InvalidField,
-    NoVoiceFound,
-    ResolutionTooLarge,
-    TextTooLong,
-    Timeout,
-    UnsupportedLanguage,
-    VideoTooLong,
-)
+from .checks import check_speech, check_video, check_voice_source, load_given_speech, preflight
+from .errors import Timeout
 from .settings import Settings
 from .timing import StageTimer
 
@@ -55,136 +46,6 @@ def new_request_id(given: str | None = None) -> str:
     if given and _REQUEST_ID_RE.match(given):
         return given
     return uuid.uuid4().hex[:16]
-
-
-# ---------------------------------------------------------------- pure helpers (shared with the ingress)
-
-@dataclass
-class Preflight:
-    """What pre-flight learned: the cleaned text and the options the stages will get."""
-
-    text: str
-    language: str
-    engine: str
-    overwrite: bool
-    lipsync: dict          # LipSyncOptions fields, plain (the ingress need not import the lipsync module)
-    reference_uri: str | None
-    audio_uri: str | None = None  # the caller's own speech: TTS is skipped
-
-
-def check_text(word: str, settings: Settings, *, may_be_empty: bool = False) -> str:
-    text = (word or "").strip()
-    if not text and not may_be_empty:
-        raise EmptyText("word is empty: give the word or sentence to say", field="word")
-    if len(text) > settings.limits.max_text_chars:
-        raise TextTooLong(f"word has {len(text)} characters; the limit is {settings.limits.max_text_chars}", field="word")
-    return text
-
-
-def check_language(language: str, engine: str, languages: dict[str, list[str]] | None) -> str:
-    """UnsupportedLanguage (400) unless the engine (any engine for 'auto') speaks `language`."""
-    lang = language.strip()
-    if languages is None:  # unknown here; the speech stage will decide
-        return lang
-    if engine == "auto":
-        offered = sorted({code for codes in languages.values() for code in codes})
-    elif engine in languages:
-        offered = sorted(languages[engine])
-    else:
-        raise InvalidField(f"options.tts_engine {engine!r} is not available (have: auto, {', '.join(sorted(languages))})",
-                           field="options.tts_engine")
-    wanted = {lang, lang.lower(), lang.lower().replace("_", "-").split("-")[0]}
-    if not wanted & set(offered):
-        raise UnsupportedLanguage(f"tts_lang {lang!r} is not supported by {engine}; supported: {', '.join(offered)}",
-                                  field="tts_lang")
-    return lang
-
-
-def lipsync_options(options) -> dict:
-    """RequestOptions -> LipSyncOptions fields (a plain dict), checked; unset fields stay None."""
-    box = None
-    if options.box is not None:
-        b = options.box
-        if b.x2 <= b.x1 or b.y2 <= b.y1 or min(b.x1, b.y1) < 0:
-            raise InvalidField("options.box must have 0 <= x1 < x2 and 0 <= y1 < y2", field="options.box")
-        box = (b.x1, b.y1, b.x2, b.y2)
-    # what the request leaves unset stays None: the lip-sync stage fills it from its own settings
-    mode = options.face_mode or ("box" if box is not None else None)
-    if mode == "box" and box is None:
-        raise InvalidField("options.face_mode 'box' needs options.box", field="options.box")
-    return {
-        "face_mode": mode,
-        "box": box if mode == "box" else None,
-        "pads": tuple(options.pads) if options.pads is not None else None,
-        "resize_factor": int(options.resize_factor) if options.resize_factor else None,
-    }
-
-
-def preflight(request: LipVideoRequest, settings: Settings, storage,
-              languages: dict[str, list[str]] | None = None) -> Preflight:
-    """Everything that can be refused before any heavy work: text, language, URIs, allow-list,
-    an existing output (409). Raises the named errors; touches storage only for metadata."""
-    opts = request.options
-    text = check_text(request.word, settings, may_be_empty=opts.audio is not None)
-    lang = check_language(request.tts_lang, opts.tts_engine, languages)
-    lip = lipsync_options(opts)
-    storage.parse(request.user_video_gs)
-    if opts.reference_audio:
-        storage.parse(opts.reference_audio)
-    if opts.audio:
-        storage.parse(opts.audio)
-    storage.check_output(request.output_video_gs, overwrite=opts.overwrite)
-    if storage.parse(request.output_video_gs) == storage.parse(request.user_video_gs):
-        raise InvalidField("output_video_gs must differ from user_video_gs", field="output_video_gs")
-    return Preflight(text=text, language=lang, engine=opts.tts_engine, overwrite=opts.overwrite,
-                     lipsync=lip, reference_uri=opts.reference_audio, audio_uri=opts.audio)
-
-
-def check_video(data: bytes, settings: Settings):
-    """Probe the source (422 if it is not a video) and apply the duration/resolution limits (413)."""
-    from . import media
-
-    info = media.probe(data)
-    if info.duration > settings.limits.max_video_seconds:
-        raise VideoTooLong(f"source video is {info.duration:.1f} s; the limit is {settings.limits.max_video_seconds:g} s",
-                           field="user_video_gs")
-    if info.width * info.height > settings.limits.max_resolution:
-        raise ResolutionTooLarge(f"source video is {info.width}x{info.height}; the limit is "
-                                 f"{settings.limits.max_resolution} pixels", field="user_video_gs")
-    return info
-
-
-def check_voice_source(info, reference_uri: str | None) -> None:
-    """A photo has no voice to clone: without options.reference_audio it is refused (422) up front."""
-    if getattr(info, "is_image", False) and not reference_uri:
-        raise NoVoiceFound(
-            "the source is a photo, which has no voice to clone: name a recording of the person's voice in "
-            "options.reference_audio (a reference is needed with a photo)", field="options.reference_audio")
-
-
-def check_speech(seconds: float, settings: Settings) -> None:
-    if seconds > settings.limits.max_speech_seconds:
-        raise TextTooLong(f"the speech for this text lasts {seconds:.1f} s; the limit is "
-                          f"{settings.limits.max_speech_seconds:g} s", field="word")
-
-
-def load_given_speech(storage, uri: str, settings: Settings):
-    """options.audio: the caller's speech, fetched (input limits apply) and decoded to 16 kHz mono.
-
-    Named errors: the storage ones (400/403/404/413/502), InvalidAudio (422) when it is not decodable
-    audio, AudioTooLong (413) past max_speech_seconds. The level is left as given.
-    """
-    from . import media
-    from .tts.base import SpeechResult
-
-    data = storage.read_bytes(uri)
-    limit = settings.limits.max_speech_seconds
-    audio = media.decode_audio_bytes(data, 16000, max_seconds=limit + 0.5)
-    if audio.size / 16000.0 > limit:
-        raise AudioTooLong(f"options.audio lasts more than {limit:g} s (the limit is max_speech_seconds)",
-                           field="options.audio")
-    return SpeechResult(audio=audio, sample_rate=16000, engine="given", voice=uri.rsplit("/", 1)[-1],
-                        language="", cached=False)
 
 
 def frames_for(fps: float, seconds: float) -> int:
@@ -303,15 +164,17 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
 
     pre = await stages.read(preflight, request, settings, storage, stages.languages())
     video = await local_stage("download", storage.read_bytes, request.user_video_gs)
-    info = await local_stage("probe", check_video, video, settings)
+    source = await local_stage("probe", check_video, video, settings)
+    info = source.info
     check_voice_source(info, pre.reference_uri)
     reference, reference_is_video = None, True
     if pre.reference_uri:
         reference = await stages.read(storage.read_bytes, pre.reference_uri)
         reference_is_video = False
-    video_token = await stages.share(video)
+    # the stages get the SourceVideo with a token for its bytes: none hashes or probes it again
+    video_token = source.with_data(await stages.share(video))
     reference_token = video_token if reference is None else await stages.share(reference)
-    del video, reference  # the stages hold their own references from here on
+    del video, reference, source  # the stages hold their own references from here on
 
     outcome = Outcome()
     # auto, static and track detect on frames spread over the ones the answer uses, so they wait for

@@ -27,8 +27,8 @@ from lipserve.errors import (
     UnsupportedLanguage,
     VideoTooLong,
 )
-from lipserve.pipeline import (STAGES, Pipeline, check_video, lipsync_options, load_given_speech, new_request_id,
-                               preflight)
+from lipserve.checks import check_video, lipsync_options, load_given_speech, preflight
+from lipserve.pipeline import STAGES, Pipeline, new_request_id
 from lipserve.settings import Settings
 from lipserve.storage import Storage
 
@@ -58,7 +58,6 @@ def _request(**kw) -> LipVideoRequest:
     ({"user_video_gs": "gs://somebucket/x.mp4"}, BucketNotAllowed),
     ({"output_video_gs": "../escape.mp4"}, PathEscape),
     ({"output_video_gs": "in/src.mp4"}, OutputExists),
-    ({"options": RequestOptions(face_mode="box")}, InvalidField),
     ({"options": RequestOptions(tts_engine="nosuch")}, InvalidField),
 ])
 def test_preflight_refuses_bad_requests(root, change, error):
@@ -83,8 +82,30 @@ def test_lipsync_options_box_and_overrides():
     assert given == {"face_mode": "track", "box": None, "pads": (1, 2, 3, 4), "resize_factor": 2}
     boxed = lipsync_options(RequestOptions(box=FaceBox(x1=1, y1=2, x2=30, y2=40), resize_factor=3))
     assert boxed["face_mode"] == "box" and boxed["box"] == (1, 2, 30, 40) and boxed["resize_factor"] == 3
-    with pytest.raises(InvalidField):
-        lipsync_options(RequestOptions(box=FaceBox(x1=10, y1=2, x2=5, y2=40)))
+
+
+
+def test_the_lip_sync_option_rules_are_the_contracts_and_the_stages_own_check_uses_them():
+    """A bad box, a box mode without a box, pads or a factor out of range: refused when the request
+    is parsed (the one check of a request's options), naming the field; the lip-sync stage's check
+    of what it resolved applies the same numbers (lipserve.contract's)."""
+    from lipserve.contract import MAX_PAD, MAX_RESIZE_FACTOR, parse_request
+    from lipserve.lipsync.options import LipSyncOptions, check_options
+
+    body = {"word": "hi", "user_video_gs": "a.mp4", "output_video_gs": "b.mp4"}
+    for options, field in [({"box": {"x1": 10, "y1": 2, "x2": 5, "y2": 40}}, "options.box"),
+                           ({"face_mode": "box"}, "options"),
+                           ({"pads": [0, MAX_PAD + 1, 0, 0]}, "options.pads"),
+                           ({"resize_factor": MAX_RESIZE_FACTOR + 1}, "options.resize_factor")]:
+        with pytest.raises(InvalidField) as err:
+            parse_request({**body, "options": options})
+        assert err.value.field.startswith(field), (options, err.value.field)
+    resolved = dict(face_mode="auto", pads=(0, 0, 0, 0), resize_factor=1)
+    check_options(LipSyncOptions(**resolved))
+    for change in ({"pads": (0, MAX_PAD + 1, 0, 0)}, {"resize_factor": MAX_RESIZE_FACTOR + 1},
+                   {"face_mode": "box"}, {"face_mode": "wobble"}):
+        with pytest.raises(InvalidField):
+            check_options(LipSyncOptions(**{**resolved, **change}))
 
 
 def test_the_lip_sync_stage_settings_are_what_a_request_gets(tmp_path):
@@ -105,7 +126,7 @@ def test_the_lip_sync_stage_settings_are_what_a_request_gets(tmp_path):
 
 def test_check_video_limits():
     clip = testmedia.astronaut_clip(seconds=2.0, fps=10, size=(160, 120), audio=None)
-    assert check_video(clip, Settings()).n_frames == 20
+    assert check_video(clip, Settings()).info.n_frames == 20
     with pytest.raises(VideoTooLong):
         check_video(clip, Settings(max_video_seconds=1.0))
     with pytest.raises(InvalidMedia):
@@ -162,6 +183,37 @@ def test_pipeline_end_to_end_on_local_paths(local_pipeline):
     # caches (a longer one would detect on the frames not seen before, and say so)
     again = pipeline.run(_request(word="Hi.", user_video_gs="src.mp4", output_video_gs="out/b.mp4"))
     assert again.cache["face_boxes"] and again.cache["speaker_embedding"]
+
+
+@pytest.mark.slow
+def test_a_request_hashes_and_probes_its_source_video_once(local_pipeline, monkeypatch):
+    """The SourceVideo made at the probe step carries the hash and the probe to every stage: the
+    face plan, the voice's reference and the lip sync never hash or probe the same bytes again."""
+    import hashlib
+    import sys
+
+    pipeline, root = local_pipeline
+    size = (root / "src.mp4").stat().st_size
+    calls = {"hash": 0, "probe": 0}
+    real_sha256, probe_module = hashlib.sha256, sys.modules["lipserve.media.probe"]
+    real_probe = probe_module.probe
+
+    def sha256(data=b"", *args, **kwargs):
+        calls["hash"] += len(data) == size
+        return real_sha256(data, *args, **kwargs)
+
+    def probe(data):
+        calls["probe"] += len(data) == size
+        return real_probe(data)
+
+    monkeypatch.setattr(hashlib, "sha256", sha256)
+    monkeypatch.setattr(probe_module, "probe", probe)
+    monkeypatch.setattr(media, "probe", probe)
+    pipeline.stages.lipsync.clear_face_cache()  # a new video's path: detection runs
+    response = pipeline.run(_request(word="Once only.", user_video_gs="src.mp4", output_video_gs="out/once.mp4",
+                                     options=RequestOptions(face_mode="track")))
+    assert response.cache["face_boxes"] is False
+    assert calls == {"hash": 1, "probe": 1}
 
 
 @pytest.mark.slow

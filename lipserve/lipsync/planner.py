@@ -3,7 +3,7 @@
 It finds the face on a few frames spread over the answer and keeps one box when the head is still
 (`auto`, the default), tracks it on every k-th frame when it moves (`track`), finds it once
 (`static`) or takes it from the caller (`box`), instead of running the detector on every output
-frame. It remembers the probe and the face boxes per video (keyed by a hash of its bytes), so the
+frame. It remembers the face boxes per video (keyed by its SourceVideo's hash), so the
 same video with a new sentence skips detection; a later, longer answer detects only the frames
 the remembered boxes do not cover. Without frames from the caller it decodes only the frames a
 detection needs.
@@ -18,8 +18,8 @@ import numpy as np
 
 from .. import media
 from ..cache import LRUCache, content_key
-from ..errors import InputTooLarge, InvalidMedia, NoFaceFound, ResolutionTooLarge, VideoTooLong
-from ..media import VideoInfo
+from ..errors import InvalidMedia, NoFaceFound
+from ..media import SourceVideo, VideoInfo
 from ..settings import Settings
 from .detectors import FaceDetector, detect_boxes
 from .faces import (face_presence, look_again_whole, refine_frames, second_look, spread_frames, still_box,
@@ -52,7 +52,7 @@ DECODE_WINDOW_BYTES = 512 * 1024 * 1024  # the planner decodes at most this much
 class FacePlan:
     """The video branch's product: small and picklable (no frames)."""
 
-    video_key: str                  # content_key(video bytes)
+    video_key: str                  # SourceVideo.key
     info: VideoInfo
     boxes: np.ndarray               # [covered, 4] int (x1, y1, x2, y2) per source frame [0, covered), source pixels
     present: np.ndarray             # [covered] bool: the frame has a face (False: passed through untouched)
@@ -105,34 +105,31 @@ class FacePlanner:
     def clear_cache(self) -> None:
         self.cache = LRUCache(self.settings.lipsync.face_cache_size)
 
-    def plan(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None, frames_for=None, *,
+    def plan(self, video: SourceVideo, options: LipSyncOptions, frames_needed: int | None = None, frames_for=None, *,
              use_cache: bool = True) -> FacePlan:
-        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None).
+        """Face boxes for source frames [0, frames_needed) (all if None).
 
         `options` resolved and checked (LipSyncer.resolve, check_options). `frames_for(indices) ->
         (frames, scale)` gives the frames to detect on (source pixels = frame pixels * scale); by
         default they are decoded from `video`. `use_cache=False` neither reads nor fills the cache."""
-        t0 = time.perf_counter()
         lookup = self.look_up(video, options, use_cache=use_cache)
-        timings = {"probe": time.perf_counter() - t0, "decode": 0.0, "detect": 0.0}
+        timings = {"decode": 0.0, "detect": 0.0}
         info = lookup.info
         want = info.n_frames if frames_needed is None else max(1, min(int(frames_needed), info.n_frames))
-        plan = self.settle(lookup, want, frames_for or self._frames_by_decoding(video, timings, info), timings)
+        plan = self.settle(lookup, want, frames_for or self._frames_by_decoding(video.data, timings, info), timings)
         plan.timings = timings
         return plan
 
-    def look_up(self, video: bytes, options: LipSyncOptions, *, use_cache: bool = True,
+    def look_up(self, video: SourceVideo, options: LipSyncOptions, *, use_cache: bool = True,
                 given: FacePlan | None = None) -> FaceLookup:
-        """The cache entry and the probe (checked against the input limits on every call, cached or
-        not). `given`, a plan made earlier, is kept for `settle` when it is for this video."""
-        video_key, entry_key = self._keys(video, options)
-        if given is not None and given.video_key != video_key:
+        """The cache entry for this video and options. `given`, a plan made earlier, is kept for
+        `settle` when it is for this video."""
+        entry_key = self._entry_key(video.key, options)
+        if given is not None and given.video_key != video.key:
             log.warning("ignoring a face plan made for another video")
             given = None
         entry = self.cache.get(entry_key) if use_cache else None
-        info = given.info if given is not None else (entry.info if entry is not None else self._probe(video))
-        self._check_limits(video, info)
-        return FaceLookup(options, video_key, entry_key, entry, info, use_cache, given)
+        return FaceLookup(options, video.key, entry_key, entry, video.info, use_cache, given)
 
     def settle(self, lookup: FaceLookup, want: int, frames_for, timings: dict) -> FacePlan:
         """The boxes of source frames [0, want): the given plan where it covers them, else the cache
@@ -150,36 +147,15 @@ class FacePlanner:
             mode=mode, detected_frames=detected, cached=lookup.entry is not None and detected == 0,
         )
 
-    # ------------------------------------------------------------------ probe and limits
+    # ------------------------------------------------------------------ keys and frames
 
-    def _keys(self, video: bytes, options: LipSyncOptions) -> tuple[str, str]:
-        video_key = content_key(video)
+    def _entry_key(self, video_key: str, options: LipSyncOptions) -> str:
         parts = [options.face_mode, str(options.resize_factor), self.detector.name]
         if options.face_mode == "box":
             parts.append(repr(tuple(int(v) for v in options.box)) if options.box is not None else "none")
         if options.face_mode in ("track", "auto"):
             parts.append(str(options.track_every))
-        return video_key, content_key(video_key.encode(), *parts)
-
-    def _probe(self, video: bytes) -> VideoInfo:
-        self._check_limits(video, None)
-        info = media.probe(video)
-        self._check_limits(video, info)
-        return info
-
-    def _check_limits(self, video: bytes, info: VideoInfo | None) -> None:
-        """The configured input limits (413); checked on every call, cached probe or not."""
-        s = self.settings.limits
-        if len(video) > s.max_input_bytes:
-            raise InputTooLarge(f"the video is {len(video)} bytes; the limit is {s.max_input_bytes}")
-        if info is None:
-            return
-        if info.duration > s.max_video_seconds:
-            raise VideoTooLong(f"the video lasts {info.duration:.1f} s; the limit is {s.max_video_seconds:g} s")
-        if info.width * info.height > s.max_resolution:
-            raise ResolutionTooLarge(
-                f"the video is {info.width}x{info.height} ({info.width * info.height} pixels); "
-                f"the limit is {s.max_resolution} pixels")
+        return content_key(video_key.encode(), *parts)
 
     @staticmethod
     def _frames_by_decoding(video: bytes, timings: dict, info: VideoInfo):

@@ -30,7 +30,7 @@ from ..batching import SharedForward, merge_enabled
 from ..cache import LRUCache
 from ..errors import InvalidAudio, InvalidMedia, NoFaceFound
 from ..gpu import BatchBudget
-from ..media import VideoInfo
+from ..media import SourceVideo, VideoInfo, as_source
 from ..runtime import ModelRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
@@ -257,16 +257,17 @@ class LipSyncer:
             resize_factor=options.resize_factor if options.resize_factor is not None else int(s.resize_factor),
         )
 
-    def plan_faces(self, video: bytes, options: LipSyncOptions, frames_needed: int | None = None, *,
+    def plan_faces(self, video: SourceVideo | bytes, options: LipSyncOptions, frames_needed: int | None = None, *,
                    use_cache: bool = True) -> FacePlan:
-        """Probe (+ limits) and face boxes for source frames [0, frames_needed) (all if None).
+        """Face boxes for source frames [0, frames_needed) (all if None). `video`: as the ingress made
+        it (its probe and hash), or bytes (probed and hashed here).
 
         `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
         options = self.resolve(options)
         check_options(options)
-        return self.planner.plan(video, options, frames_needed, use_cache=use_cache)
+        return self.planner.plan(as_source(video), options, frames_needed, use_cache=use_cache)
 
-    def render(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
+    def render(self, video: SourceVideo | bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
                plan: FacePlan | None = None, timings: dict | None = None, *,
                use_cache: bool = True) -> tuple[Rendering, np.ndarray]:
         """The answer's frames, not yet encoded, and the speech's mel as the model sees it.
@@ -283,14 +284,15 @@ class LipSyncer:
             raise InvalidAudio("the speech to lip-sync is empty")
 
         # faces: from the plan, the cache, or detection on the frames decoded below
-        lookup = self.planner.look_up(video, options, use_cache=use_cache, given=plan)
+        source = as_source(video)
+        lookup = self.planner.look_up(source, options, use_cache=use_cache, given=plan)
         info = lookup.info
         n_out = media.frames_needed(info.fps, audio.size / sample_rate)
         n_src = max(1, min(n_out, info.n_frames))
 
         t = time.perf_counter()
         stats: dict = {}
-        frames = media.decode_frames(video, count=n_src, stats=stats)
+        frames = media.decode_frames(source.data, count=n_src, stats=stats)
         if len(frames) == 0:
             raise InvalidMedia("the video stream holds no decodable frame")
         n_src = len(frames)
@@ -317,7 +319,7 @@ class LipSyncer:
         )
         return rendering, mel
 
-    def sync(self, video: bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
+    def sync(self, video: SourceVideo | bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
              plan: FacePlan | None = None, *, use_cache: bool = True) -> SyncResult:
         """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame).
 

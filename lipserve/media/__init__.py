@@ -9,7 +9,7 @@ always shows time i / fps.
 Anything a user can send that is not decodable video raises `InvalidMedia` (422);
 audio files that cannot be decoded raise `InvalidAudio` (422).
 
-colour: Colour and its tags, RGB <-> YUV; probe: VideoInfo, probe, frames_needed; decode: frames
+colour: Colour and its tags, RGB <-> YUV; probe: VideoInfo, SourceVideo, probe, frames_needed; decode: frames
 and audio; encode: encode_mp4 and its parts.
 """
 from .colour import (MATRIX_BT470BG, MATRIX_BT709, MATRIX_RGB, MATRIX_SMPTE170M, MATRIX_UNSPECIFIED, PRIMARIES_BT709,
@@ -17,11 +17,12 @@ from .colour import (MATRIX_BT470BG, MATRIX_BT709, MATRIX_RGB, MATRIX_SMPTE170M,
                      Colour, is_hd)
 from .decode import decode_audio_bytes, decode_frames, read_audio
 from .encode import AUDIO_BIT_RATE, AUDIO_PEAK_LIMIT, IndexFirstMp4, Mp4Tracks, encode_mp4, with_headroom
-from .probe import VideoInfo, frames_needed, probe
+from .probe import SourceVideo, VideoInfo, as_source, frames_needed, probe
 
 __all__ = [
     "AUDIO_BIT_RATE", "AUDIO_PEAK_LIMIT", "Colour", "IndexFirstMp4", "MATRIX_BT470BG", "MATRIX_BT709", "MATRIX_RGB",
     "MATRIX_SMPTE170M", "MATRIX_UNSPECIFIED", "Mp4Tracks", "PRIMARIES_BT709", "PRIMARIES_UNSPECIFIED", "RANGE_PC",
-    "RANGE_TV", "RANGE_UNSPECIFIED", "TRANSFER_BT709", "TRANSFER_UNSPECIFIED", "VideoInfo", "decode_audio_bytes",
+    "RANGE_TV", "RANGE_UNSPECIFIED", "SourceVideo", "TRANSFER_BT709", "TRANSFER_UNSPECIFIED", "VideoInfo", "as_source",
+    "decode_audio_bytes",
     "decode_frames", "encode_mp4", "frames_needed", "is_hd", "probe", "read_audio", "with_headroom",
 ]

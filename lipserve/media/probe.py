@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from lipserve.errors import InvalidMedia
 
@@ -68,3 +69,28 @@ def frames_needed(fps: float, seconds: float) -> int:
     if fps <= 0:
         raise ValueError("fps must be positive")
     return max(1, math.ceil(seconds * fps - 1e-6))
+
+
+@dataclass(frozen=True)
+class SourceVideo:
+    """A request's source video as every stage needs it, made once where it is read: its bytes
+    (or a token for them that a stage exchanges for the bytes, `with_data`), the hash its caches
+    are keyed by, and its probe. Nothing downstream hashes or probes the same bytes again."""
+
+    data: Any
+    key: str
+    info: VideoInfo
+
+    @classmethod
+    def of(cls, data: bytes) -> "SourceVideo":
+        from ..cache import content_key
+
+        return cls(data, content_key(data), probe(data))
+
+    def with_data(self, data) -> "SourceVideo":
+        return replace(self, data=data)
+
+
+def as_source(video) -> SourceVideo:
+    """A SourceVideo as given, or made from raw bytes (callers without an ingress: tests, tools)."""
+    return video if isinstance(video, SourceVideo) else SourceVideo.of(video)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import librosa
 import numpy as np
@@ -29,6 +29,7 @@ from .. import heap
 from ..cache import LRUCache, content_key
 from ..errors import InvalidAudio
 from ..gpu import first_that_fits
+from ..media import SourceVideo
 from ..models.freevc_configs import freevc_config
 from ..runtime import ModelRuntime
 from ..settings import Settings
@@ -216,15 +217,15 @@ class VoiceConverter:
 
     # -- the reference voice -------------------------------------------------------------------
 
-    def reference_from_video(self, video: bytes, *, use_cache: bool = True) -> np.ndarray:
-        """The trimmed reference voice of a video, remembered by the video's hash: a returning video's
-        speaker embedding is cached under the reference's own hash, so without this every request would
-        decode, resample and trim the audio track again just to find that key. `use_cache=False` neither
-        reads nor fills that memory (the warm-up)."""
-        key = content_key(video)
+    def reference_from_video(self, video: SourceVideo | bytes, *, use_cache: bool = True) -> np.ndarray:
+        """The trimmed reference voice of a video, remembered by the video's hash (its SourceVideo's key):
+        a returning video's speaker embedding is cached under the reference's own hash, so without this
+        every request would decode, resample and trim the audio track again just to find that key.
+        `use_cache=False` neither reads nor fills that memory (the warm-up)."""
+        data, key = (video.data, video.key) if isinstance(video, SourceVideo) else (video, content_key(video))
         reference = self.reference_cache.get(key) if use_cache else None
         if reference is None:
-            reference = reference_mod.reference_from_video(video)
+            reference = reference_mod.reference_from_video(data)
             if use_cache:
                 self.reference_cache.put(key, reference)
         return reference

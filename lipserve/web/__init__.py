@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from ..contract import UploadResult
-from ..errors import InputTooLarge, InvalidURI
+from ..errors import InvalidURI
 from ..settings import Settings
 
 UPLOAD_FOLDER = "uploads"
@@ -39,13 +39,12 @@ def upload_uri(filename: str | None) -> str:
 
 
 def store_upload(data: bytes, filename: str | None, settings: Settings, storage) -> UploadResult:
-    """Check an uploaded source like any source (413 size, 422 not a video, 413 duration/resolution),
-    then write it under uploads/ with a generated name."""
-    from ..pipeline import check_video
+    """Check an uploaded source like any source (422 not a video, 413 duration/resolution; its size
+    was held to max_input_bytes by the edge as it was read), then write it under uploads/ with a
+    generated name."""
+    from ..checks import check_video
 
-    if len(data) > settings.limits.max_input_bytes:
-        raise InputTooLarge(f"the upload is larger than the limit of {settings.limits.max_input_bytes} bytes", field="body")
-    info = check_video(data, settings)
+    info = check_video(data, settings).info
     uri = upload_uri(filename)
     storage.write_bytes(uri, data, overwrite=False)
     return UploadResult(uri=uri, bytes=len(data), duration_s=round(info.duration, 3), width=info.width,
