@@ -92,8 +92,8 @@ def error_code(exc: BaseException) -> str:
 
 
 class StageReplica:
-    """Base of the three stage deployments. Subclasses set `stage` (and `stage_module`, the
-    lipserve module their build() imports) and implement `build()`.
+    """Base of the three stage deployments. Subclasses set `stage`, `owns`, `stage_module` and
+    `stage_class` (the lipserve class build() makes), or override `build()`.
 
     A replica is ready for traffic once its constructor returns: the models are loaded and, with
     settings.runtime.warmup, every request path has run once (the stage's `warm_up()`), so its first
@@ -102,6 +102,7 @@ class StageReplica:
     stage = "stage"
     stage_module = ""
     owns: tuple[str, ...] = ()  # the settings sections its build() reads; its user_config may set only these
+    stage_class = ""  # the class in stage_module that build() makes
     start_seconds: dict[str, float] = {}  # replaced (never mutated) by load()
 
     def __init__(self):
@@ -117,8 +118,10 @@ class StageReplica:
         self.loaded_at = time.time()
         self.in_flight: Counter[str] = Counter()  # step -> calls running in this replica now
 
-    def build(self, settings: Settings):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def build(self, settings: Settings):
+        """The stage object: `stage_module`'s `stage_class`, given the settings and this replica's GPU share."""
+        stage_class = getattr(importlib.import_module(self.stage_module), self.stage_class)
+        return stage_class(settings, gpu_share=replica_gpu_share())
 
     def load(self, settings: Settings):
         """build() the stage object, then (settings.runtime.warmup) warm it up; returns it. Times the

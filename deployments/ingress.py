@@ -51,6 +51,8 @@ from .stages import RemoteStages
 from .webapp import app
 
 # what the lip-video and job routes can answer besides success (each with its codes, in the schema)
+# the settings sections the ingress reads: its user_config.settings may set only these
+INGRESS_SECTIONS = ("serving", "limits", "storage")
 REQUEST_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 500, 502, 503, 504)
 EXAMPLE_BODY = Body(openapi_examples={"gcs": {"summary": "gs:// in, gs:// out", "value": EXAMPLE_REQUEST}})
 # (an example given as openapi_examples, also because a plain `example` does not survive Serve's
@@ -114,7 +116,7 @@ class Ingress:
         await self.jobs.drain(self.settings.serving.request_timeout_s)
 
     def configure(self, config: dict) -> None:
-        self.settings = replica_settings(config.get("settings"), ("serving", "limits", "storage"), "Ingress")
+        self.settings = replica_settings(config.get("settings"), INGRESS_SECTIONS, "Ingress")
         self.storage = Storage(self.settings)
         self.gate = AdmissionGate(config.get("max_active", 8), config.get("max_waiting", 16))
         self.edge = EdgeConfig.of(self.settings, self.storage.root)  # what the edge reads (serving_edge)

@@ -9,7 +9,7 @@ from ray import serve
 
 from lipserve.pipeline import StageOutput
 
-from .common import StageReplica, replica_gpu_share, resolve
+from .common import StageReplica, resolve
 
 
 @serve.deployment(name="LipSyncer")  # its resources and limits: the serve configs
@@ -17,11 +17,7 @@ class LipSyncDeployment(StageReplica):
     stage = "lipsync"
     owns = ("lipsync", "runtime")
     stage_module = "lipserve.lipsync"
-
-    def build(self, settings):
-        from lipserve.lipsync import LipSyncer
-
-        return LipSyncer(settings, gpu_share=replica_gpu_share())
+    stage_class = "LipSyncer"
 
     async def plan_faces(self, video, options: dict, frames_needed: int | None = None) -> StageOutput:
         from lipserve.lipsync import LipSyncOptions

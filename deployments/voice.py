@@ -9,7 +9,7 @@ from ray import serve
 
 from lipserve.pipeline import StageOutput, convert_voice
 
-from .common import StageReplica, replica_gpu_share, resolve
+from .common import StageReplica, resolve
 
 
 @serve.deployment(name="VoiceConverter")  # its resources and limits: the serve configs
@@ -17,11 +17,7 @@ class VoiceDeployment(StageReplica):
     stage = "voice"
     owns = ("voice", "runtime")
     stage_module = "lipserve.voice"
-
-    def build(self, settings):
-        from lipserve.voice import VoiceConverter
-
-        return VoiceConverter(settings, gpu_share=replica_gpu_share())
+    stage_class = "VoiceConverter"
 
     async def convert(self, audio, sample_rate: int, reference, reference_is_video: bool = True,
                       deterministic: bool = False, seed: int | None = None) -> StageOutput:

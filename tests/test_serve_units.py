@@ -361,3 +361,18 @@ def test_a_deployments_user_config_may_set_only_the_settings_it_reads():
         replica_settings({"face_mode": "track"}, VoiceDeployment.func_or_class.owns, "VoiceConverter")
     with pytest.raises(ValueError, match="freevc_variant"):
         replica_settings({"freevc_variant": "freevc-s"}, SpeechDeployment.func_or_class.owns, "SpeechSynthesizer")
+
+
+def test_the_readme_names_the_settings_sections_each_deployment_reads():
+    from pathlib import Path
+
+    from deployments.lipsync import LipSyncDeployment
+    from deployments.speech import SpeechDeployment
+    from deployments.voice import VoiceDeployment
+
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    for name, owns in [("SpeechSynthesizer", SpeechDeployment.func_or_class.owns),
+                       ("VoiceConverter", VoiceDeployment.func_or_class.owns),
+                       ("LipSyncer", LipSyncDeployment.func_or_class.owns),
+                       ("Ingress", ingress.INGRESS_SECTIONS)]:
+        assert f"{name}: {', '.join(owns)}" in readme

@@ -41,7 +41,7 @@ from .frame_loop import synced_frames
 from .networks import load_s3fd, load_wav2lip, wav2lip_filename
 from .options import LipSyncOptions, check_options
 from .planner import FaceEntry, FacePlan, FacePlanner, frames_from
-from .timeline import mel_for_output, pingpong_indices, to_16k
+from .timeline import downscale, mel_for_output, pingpong_indices, to_16k
 
 log = logging.getLogger("lipserve.lipsync")
 
@@ -93,7 +93,7 @@ class LipSyncer:
         `detector`: finds the faces instead of S3FD or the Haar fallback (then s3fd.pth is not loaded)."""
         self.runtime = ModelRuntime(settings.runtime, gpu_share)
         self.budget = BatchBudget(self.device, bytes_per_item=CUDA_BYTES_PER_ITEM, max_items=CUDA_MAX_MERGED,
-                                  cpu_items=CPU_MAX_MERGED, cap_bytes=self.memory_cap)
+                                  cpu_items=CPU_MAX_MERGED, cap_bytes=self.runtime.memory_cap)
         # every Wav2Lip forward goes through this: concurrent requests' frames share forwards
         self.wav2lip = SharedForward(self._forward, merge=merge_enabled(settings, self.device),
                                      max_items=self.budget.items, wait_s=settings.lipsync.batching_wait_ms / 1000,
@@ -133,10 +133,6 @@ class LipSyncer:
     @property
     def device(self) -> torch.device:
         return self.runtime.device
-
-    @property
-    def memory_cap(self) -> int | None:
-        return self.runtime.memory_cap
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -197,7 +193,7 @@ class LipSyncer:
             "autocast_max_levels": self.precision_gap,
             "batch_size": self.batch_size(),
             "batching": self.wav2lip.describe(),
-            "memory_cap_bytes": self.memory_cap,
+            "memory_cap_bytes": self.runtime.memory_cap,
             "face_cache": self.face_cache.stats(),
             "fast_paths": self.fast_paths,
             "load_timings": {name: round(seconds, 3) for name, seconds in self.load_timings.items()},
@@ -296,7 +292,7 @@ class LipSyncer:
         if len(frames) == 0:
             raise InvalidMedia("the video stream holds no decodable frame")
         n_src = len(frames)
-        frames = self._downscale(frames, options.resize_factor)
+        frames = downscale(frames, options.resize_factor)
         timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t
 
         plan = self.planner.settle(lookup, n_src, frames_from(frames, options.resize_factor), timings)
@@ -397,12 +393,3 @@ class LipSyncer:
                 if i == 0:
                     timings["first_frame"] = time.perf_counter() - t_start
                 yield frame
-
-    @staticmethod
-    def _downscale(frames: np.ndarray, factor: int) -> np.ndarray:
-        if factor == 1:
-            return frames
-        import cv2
-        height, width = frames.shape[1:3]
-        size = (max(2, width // factor), max(2, height // factor))
-        return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])

@@ -43,3 +43,14 @@ def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
         return audio
     g = math.gcd(int(sample_rate), SAMPLE_RATE)
     return scipy.signal.resample_poly(audio, SAMPLE_RATE // g, int(sample_rate) // g).astype(np.float32)
+
+
+def downscale(frames: np.ndarray, factor: int) -> np.ndarray:
+    """The source frames at 1/factor of their size (the resize_factor option), as the answer is made."""
+    if factor == 1:
+        return frames
+    import cv2
+
+    height, width = frames.shape[1:3]
+    size = (max(2, width // factor), max(2, height // factor))
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])

@@ -153,10 +153,6 @@ class VoiceConverter:
         return self.runtime.device
 
     @property
-    def memory_cap(self) -> int | None:
-        return self.runtime.memory_cap
-
-    @property
     def autocast(self) -> torch.dtype | None:
         return self.runtime.autocast
 
