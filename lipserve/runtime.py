@@ -63,6 +63,24 @@ class ModelRuntime:
         return build(module, backend, self.device, self.settings.cpu_threads(), self.settings.fast_cache_dir)
 
 
+class OnRuntime:
+    """A stage whose networks run on `self.runtime`: its device and autocast dtype are the runtime's."""
+
+    runtime: ModelRuntime
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return self.runtime.autocast
+
+    @autocast.setter
+    def autocast(self, dtype: torch.dtype | None) -> None:
+        self.runtime.autocast = dtype
+
+
 @runtime_checkable
 class Stage(Protocol):
     """A stage object a serving wrapper holds (SpeechSynthesizer, VoiceConverter, LipSyncer)."""

@@ -31,7 +31,7 @@ from ..cache import LRUCache
 from ..errors import InvalidAudio, InvalidMedia, NoFaceFound
 from ..gpu import BatchBudget
 from ..media import SourceVideo, VideoInfo, as_source
-from ..runtime import ModelRuntime
+from ..runtime import ModelRuntime, OnRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
 from . import precision
@@ -85,7 +85,7 @@ class Rendering:
     decoded_frames: int
 
 
-class LipSyncer:
+class LipSyncer(OnRuntime):
     """Loads Wav2Lip (and S3FD when its file is there) once; `plan_faces` and `sync` per request."""
 
     def __init__(self, settings: Settings, gpu_share: float | None = None, detector: FaceDetector | None = None):
@@ -128,19 +128,6 @@ class LipSyncer:
         if self.autocast is not None:
             self._check_autocast()
         log.info("lip sync: Wav2Lip on %s in %s", self.device, self.precision_name)
-
-    # where the networks run: the runtime's (one owner for device, memory cap and autocast)
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def autocast(self) -> torch.dtype | None:
-        return self.runtime.autocast
-
-    @autocast.setter
-    def autocast(self, dtype: torch.dtype | None) -> None:
-        self.runtime.autocast = dtype
 
     @property
     def settings(self) -> Settings:

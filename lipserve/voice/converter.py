@@ -31,7 +31,7 @@ from ..errors import InvalidAudio
 from ..gpu import first_that_fits
 from ..media import SourceVideo
 from ..models.freevc_configs import freevc_config
-from ..runtime import ModelRuntime
+from ..runtime import ModelRuntime, OnRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
 from . import reference as reference_mod
@@ -99,7 +99,7 @@ class VoiceResult:
     warnings: list[str] = field(default_factory=list)  # about the reference voice
 
 
-class VoiceConverter:
+class VoiceConverter(OnRuntime):
     def __init__(self, settings: Settings, *, wavlm=None, speaker_encoder=None, synthesizer=None,
                  given_models_synthetic: bool = False, gpu_share: float | None = None):
         """Loads WavLM, the SynthesizerTrn variant and (FreeVC, FreeVC-24) the speaker encoder once.
@@ -146,19 +146,6 @@ class VoiceConverter:
             self._check_autocast()
         log.info("voice: %s on %s (precision %s), loaded in %.1f s%s", self.variant, self.device,
                  self.autocast or "fp32", self.load_seconds, " [SYNTHETIC WEIGHTS]" if self.synthetic_weights else "")
-
-    # where the networks run: the runtime's (one owner for device, memory cap and autocast)
-    @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def autocast(self) -> torch.dtype | None:
-        return self.runtime.autocast
-
-    @autocast.setter
-    def autocast(self, dtype: torch.dtype | None) -> None:
-        self.runtime.autocast = dtype
 
     def _choose_fast_paths(self, settings: Settings) -> None:
         """Who runs WavLM and the synthesizer: the eager modules, or their OpenVINO graphs (lipserve.fast)."""
