@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from lipserve.pipeline import stage_engines
+from lipserve.answer import stage_engines
 
 from .common import put_bytes
 from .errors import STAGE_LOST, stage_lost

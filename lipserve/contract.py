@@ -108,7 +108,7 @@ class LipVideoResponse(BaseModel):
     output_video_gs: str
     duration_s: float
     engines: dict[str, str] = Field(description="stage -> engine/checkpoint that ran")
-    step_times: dict[str, float] = Field(description="seconds per stage, 'first_frame' (request start to the first lip-synced frame) and 'total'")
+    step_times: dict[str, float] = Field(description="seconds per stage, 'first_frame' (request start to the first lip-synced frame), 'first_fragment' (streamed: to the first MP4 fragment) and 'total'")
     synthetic_weights: bool = Field(description="True when any model ran on synthetic weights: output NOT meaningful")
     cache: dict[str, bool] = Field(default_factory=dict, description="which per-video work was reused (face_boxes, speaker_embedding)")
     warnings: list[str] = Field(default_factory=list)

@@ -17,10 +17,12 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Callable, Protocol
 
 from .contract import LipVideoRequest, LipVideoResponse
+from .answer import SYNTHETIC_WARNING, Outcome, build_response, stage_engines
 from .checks import check_speech, check_video, check_voice_source, load_given_speech, preflight
 from .errors import Timeout
 from .settings import Settings
@@ -28,17 +30,12 @@ from .timing import StageTimer
 
 log = logging.getLogger("lipserve.pipeline")
 
-# step_times keys, in the order the request meets them (the table is printed in this order)
-STAGES = ("download", "probe", "tts", "faces", "voice", "lipsync", "upload")
-
-SYNTHETIC_WARNING = ("SYNTHETIC WEIGHTS: at least one model ran on deterministic synthetic weights "
-                     "because its checkpoint is missing. The OUTPUT IS NOT MEANINGFUL. "
-                     "Fetch the checkpoints with `lipserve weights fetch`.")
-
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # progress(stage, event, seconds): event is "start" or "end" (seconds is None on "start")
 Progress = Callable[[str, str, "float | None"], None]
+# send(piece): a streamed answer's next piece of fragmented MP4, awaited before the next is made
+Send = Callable[[bytes], Awaitable[None]]
 
 
 def new_request_id(given: str | None = None) -> str:
@@ -73,59 +70,6 @@ def timed_call(fn, *args, **kwargs) -> StageOutput:
     return StageOutput(result, start, time.time())
 
 
-@dataclass
-class Outcome:
-    """What the stages produced for one request (input to build_response)."""
-
-    speech: Any = None      # SpeechResult
-    voice: Any = None       # VoiceResult
-    plan: Any = None        # FacePlan
-    sync: Any = None        # SyncResult
-    engines: dict[str, str] = field(default_factory=dict)
-    extra_warnings: list[str] = field(default_factory=list)
-    first_frame: float | None = None  # seconds from the request's start to its first lip-synced frame
-
-
-def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer, outcome: Outcome,
-                   output_uri: str) -> LipVideoResponse:
-    step_times = {k: round(timer.step_times[k], 4) for k in STAGES if k in timer.step_times}
-    if outcome.first_frame is not None:
-        step_times["first_frame"] = round(outcome.first_frame, 4)
-    step_times["total"] = round(timer.total(), 4)
-    synthetic = bool(getattr(outcome.voice, "synthetic_weights", False) or getattr(outcome.sync, "synthetic_weights", False))
-    warnings = (list(getattr(outcome.speech, "fallbacks", []) or []) + list(getattr(outcome.voice, "warnings", []) or [])
-                + list(getattr(outcome.sync, "warnings", []) or [])
-                + outcome.extra_warnings)
-    if synthetic:
-        warnings.insert(0, SYNTHETIC_WARNING)
-    engines = dict(outcome.engines)
-    if outcome.speech is not None:
-        engines.setdefault("tts", f"{outcome.speech.engine}:{outcome.speech.voice}")
-    if outcome.plan is not None:
-        engines.setdefault("faces", outcome.plan.detector)
-    cache = {
-        "face_boxes": bool(getattr(outcome.plan, "cached", False)),
-        "speaker_embedding": bool(getattr(outcome.voice, "speaker_cached", False)),
-        "tts": bool(getattr(outcome.speech, "cached", False)),
-    }
-    precision = {stage: result.precision for stage, result in (("voice", outcome.voice), ("lipsync", outcome.sync))
-                 if getattr(result, "precision", None)}
-    return LipVideoResponse(
-        request_id=request_id,
-        output_video_gs=output_uri,
-        duration_s=round(float(outcome.sync.duration_s), 4),
-        engines=engines,
-        step_times=step_times,
-        synthetic_weights=synthetic,
-        cache=cache,
-        warnings=warnings,
-        stage_spans={k: [round(a, 4), round(b, 4)] for k, (a, b) in timer.spans.items()},
-        frames_passed_through=int(getattr(outcome.sync, "frames_passed_through", 0)),
-        precision=precision,
-        voice_similarity=getattr(outcome.voice, "voice_similarity", None),
-    )
-
-
 # ---------------------------------------------------------------- the orchestration, once
 
 class Stages(Protocol):
@@ -140,11 +84,17 @@ class Stages(Protocol):
                       deterministic: bool, seed: int | None) -> StageOutput: ...
     async def plan_faces(self, video: Any, options: dict, frames_needed: int | None) -> StageOutput: ...
     async def sync(self, video: Any, audio, sample_rate: int, options: dict, plan: Any) -> StageOutput: ...
+    def sync_stream(self, video: Any, audio, sample_rate: int, options: dict,
+                    plan: Any) -> AsyncIterator: ...                               # bytes..., then the SyncResult
 
 
 async def orchestrate(request: LipVideoRequest, request_id: str, settings: Settings, storage, stages: Stages,
-                      progress: Progress | None = None, label: str = "lipserve") -> LipVideoResponse:
-    """Run one request. Raises LipserveError subclasses; writes the output only if all succeeded."""
+                      progress: Progress | None = None, label: str = "lipserve",
+                      send: Send | None = None) -> LipVideoResponse:
+    """Run one request. Raises LipserveError subclasses; writes the output only if all succeeded.
+
+    With `send`, the answer is streamed: lip sync makes a fragmented MP4 and each piece is awaited
+    through `send` as it is encoded; the output is still written once, whole, at the end."""
     timer = StageTimer(label)
     notify = progress or (lambda stage, event, seconds: None)
 
@@ -206,12 +156,17 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
         # a given box: validate it at once, beside the audio branch
         (outcome.speech, outcome.voice, _), outcome.plan = await gather_or_cancel(audio_branch(), video_branch(None))
     sync_called = timer.total()
-    outcome.sync = await remote_stage("lipsync", stages.sync(video_token, outcome.voice.audio, outcome.voice.sample_rate,
-                                                            pre.lipsync, outcome.plan))
-    # the stage's own clock from its start to the first frame, on this request's clock (no skew between nodes)
-    first_in_stage = (getattr(outcome.sync, "timings", None) or {}).get("first_frame")
-    if first_in_stage is not None:
-        outcome.first_frame = sync_called + first_in_stage
+    speech = (video_token, outcome.voice.audio, outcome.voice.sample_rate, pre.lipsync, outcome.plan)
+    if send is None:
+        outcome.sync = await remote_stage("lipsync", stages.sync(*speech))
+    else:
+        outcome.sync = await remote_stage("lipsync", sent_through(stages.sync_stream(*speech), send))
+    # the stage's own clock from its start to the first frame (fragment), on this request's clock
+    # (no skew between nodes)
+    stage_timings = getattr(outcome.sync, "timings", None) or {}
+    for step in ("first_frame", "first_fragment"):
+        if stage_timings.get(step) is not None:
+            setattr(outcome, step, sync_called + stage_timings[step])
     outcome.engines = stages.engines()
     await local_stage("upload", write_output, storage, request.output_video_gs, outcome.sync.mp4, pre.overwrite)
     response = build_response(request, request_id, timer, outcome, request.output_video_gs)
@@ -220,6 +175,21 @@ async def orchestrate(request: LipVideoRequest, request_id: str, settings: Setti
     if response.synthetic_weights:
         log.warning("request %s: %s", request_id, SYNTHETIC_WARNING)
     return response
+
+
+async def sent_through(pieces: AsyncIterator, send: Send) -> StageOutput:
+    """A lip-sync stream: each piece of the file through `send`, the SyncResult with the whole file."""
+    start, whole, result = time.time(), [], None
+    async for item in pieces:
+        if isinstance(item, (bytes, bytearray)):
+            whole.append(bytes(item))
+            await send(bytes(item))
+        else:
+            result = item
+    if result is None:
+        raise RuntimeError("the lip-sync stream ended without its result")
+    result.mp4 = b"".join(whole)
+    return StageOutput(result, start, time.time())
 
 
 async def gather_or_cancel(*aws):
@@ -283,6 +253,13 @@ class LocalStages:
         return await asyncio.to_thread(timed_call, self.lipsync.sync, video, audio, sample_rate,
                                        LipSyncOptions(**options), plan)
 
+    def sync_stream(self, video, audio, sample_rate, options, plan):
+        from .lipsync import LipSyncOptions
+        from .streaming import iterate_in_thread
+
+        return iterate_in_thread(self.lipsync.sync_stream(video, audio, sample_rate, LipSyncOptions(**options), plan),
+                                 "lipsync-stream")
+
 
 def write_output(storage, uri: str, data: bytes, overwrite: bool) -> str:
     return storage.write_bytes(uri, data, overwrite=overwrite)
@@ -293,18 +270,6 @@ def convert_voice(voice, audio, sample_rate: int, reference: bytes, reference_is
     """Reference voice from the source video (or a separate file), then FreeVC. NoVoiceFound 422."""
     ref = voice.reference_from_video(reference) if reference_is_video else voice.reference_from_audio(reference)
     return voice.convert(audio, sample_rate, ref, deterministic=deterministic, seed=seed)
-
-
-def stage_engines(voice_desc: dict, lipsync_desc: dict) -> dict[str, str]:
-    """'voice' and 'lipsync' engine names from the stages' describe() dicts."""
-    def name(desc: dict, *keys: str, default: str) -> str:
-        for k in keys:
-            if desc.get(k):
-                return str(desc[k])
-        return default
-
-    return {"voice": name(voice_desc, "engine", "variant", "checkpoint", default="freevc"),
-            "lipsync": name(lipsync_desc, "engine", "checkpoint", default="wav2lip")}
 
 
 class Pipeline:
@@ -363,7 +328,15 @@ class Pipeline:
         log.info("warm-up: %s", ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in self.warm_up_report.items()))
         return self.warm_up_report
 
-    def run(self, request: LipVideoRequest, request_id: str | None = None, progress: Progress | None = None) -> LipVideoResponse:
+    def run(self, request: LipVideoRequest, request_id: str | None = None, progress: Progress | None = None,
+            on_piece: Callable[[bytes], None] | None = None) -> LipVideoResponse:
+        """One request. `on_piece`: stream the answer, each fragmented-MP4 piece handed over as it is
+        encoded (the output is still written whole at the end, only if the request succeeds)."""
         rid = new_request_id(request_id)
-        coro = orchestrate(request, rid, self.settings, self.storage, self.stages, progress, label="lipserve (one process)")
+
+        async def send(piece: bytes) -> None:
+            on_piece(piece)
+
+        coro = orchestrate(request, rid, self.settings, self.storage, self.stages, progress,
+                           label="lipserve (one process)", send=send if on_piece is not None else None)
         return asyncio.run(with_timeout(coro, self.settings.serving.request_timeout_s))

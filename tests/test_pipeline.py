@@ -28,7 +28,8 @@ from lipserve.errors import (
     VideoTooLong,
 )
 from lipserve.checks import check_video, lipsync_options, load_given_speech, preflight
-from lipserve.pipeline import STAGES, Pipeline, new_request_id
+from lipserve.answer import STAGES
+from lipserve.pipeline import Pipeline, new_request_id
 from lipserve.settings import Settings
 from lipserve.storage import Storage
 

@@ -23,7 +23,7 @@ import yaml
 
 from devtools import testmedia
 from lipserve import media
-from lipserve.pipeline import STAGES
+from lipserve.answer import STAGES
 from tests.fixtures.serve import (AUTH, CLIENT_TIMEOUT_S, JOB_LOST_AFTER_S, MAX_INPUT_BYTES, MAX_TEXT, MAX_VIDEO_S,
                                   REQUEST_TIMEOUT_S, TOKEN)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from ..batching import SharedForward, merge_enabled
 from ..cache import LRUCache
 from ..errors import InvalidAudio, InvalidMedia, NoFaceFound
 from ..gpu import BatchBudget
-from ..media import SourceVideo, VideoInfo, as_source
+from ..media import SourceVideo, as_source
+from ..media.fragments import stream_mp4
 from ..runtime import ModelRuntime, OnRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
@@ -41,6 +42,7 @@ from .frame_loop import synced_frames
 from .networks import load_s3fd, load_wav2lip, wav2lip_filename
 from .options import LipSyncOptions, check_options
 from .planner import FaceEntry, FacePlan, FacePlanner, frames_from
+from .results import Rendering, SyncResult
 from .timeline import downscale, mel_for_output, pingpong_indices, to_16k
 
 log = logging.getLogger("lipserve.lipsync")
@@ -52,37 +54,6 @@ CUDA_BYTES_PER_ITEM = 64 * 1024 * 1024  # generous fp16 activation budget per 96
 CUDA_MAX_BATCH = 128   # frames per batch of one request
 CUDA_MAX_MERGED = 512  # frames per forward when concurrent requests' batches merge
 CPU_MAX_MERGED = 4 * CPU_BATCH_SIZE
-
-
-@dataclass
-class SyncResult:
-    mp4: bytes
-    duration_s: float
-    n_frames: int
-    decoded_frames: int
-    detected_frames: int
-    timings: dict[str, float]       # decode, detect, mel, model, paste, encode
-    synthetic_weights: bool
-    face_cache_hit: bool
-    frames_passed_through: int = 0  # output frames left exactly as decoded (no face there)
-    face_mode: str = ""             # FacePlan.mode
-    warnings: list[str] = field(default_factory=list)
-    precision: str = "fp32"         # Wav2Lip's arithmetic: fp32, fp16 or bf16 (autocast)
-
-
-@dataclass
-class Rendering:
-    """The output frames of one answer, before encoding (`frames` is a one-shot iterator)."""
-
-    frames: Iterator[np.ndarray]    # RGB uint8, in output order; produced lazily, one model batch at a time
-    source: np.ndarray              # the decoded (and downscaled) source frames the answer uses
-    source_of: np.ndarray           # [n_out] source frame index of each output frame
-    passed_through: np.ndarray      # [n_out] bool: this output frame is source[source_of[i]] untouched
-    info: VideoInfo
-    plan: FacePlan
-    detected_frames: int
-    cache_hit: bool
-    decoded_frames: int
 
 
 class LipSyncer(OnRuntime):
@@ -307,27 +278,52 @@ class LipSyncer(OnRuntime):
         """Redraw the mouth of `video` to `audio`; an mp4 (H.264 + AAC) as long as the audio (+-1 frame).
 
         `use_cache=False` neither reads nor fills the face cache (the warm-up)."""
+        *_, result = self._answer(video, audio, sample_rate, options, plan, use_cache=use_cache, streamed=False)
+        return result
+
+    def sync_stream(self, video: SourceVideo | bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
+                    plan: FacePlan | None = None) -> Iterator[bytes | SyncResult]:
+        """`sync` as a fragmented MP4 (lipserve.media.fragments): bytes as each piece is encoded, then
+        the SyncResult (its `mp4` empty: the pieces are the file). Frames are rendered as the
+        pieces are taken, so the first fragment leaves while the rest is still being made."""
+        return self._answer(video, audio, sample_rate, options, plan, use_cache=True, streamed=True)
+
+    def _answer(self, video, audio, sample_rate: int, options: LipSyncOptions, plan: FacePlan | None, *,
+                use_cache: bool, streamed: bool) -> Iterator[bytes | SyncResult]:
         t_start = time.perf_counter()
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
         rendering, _ = self.render(video, audio, sample_rate, options, plan, timings, use_cache=use_cache)
         info = rendering.info
-        t = time.perf_counter()
-        before = timings["model"] + timings["paste"]
-        mp4 = media.encode_mp4(self._pulled(rendering.frames, t_start, timings), info.fps,
-                               np.asarray(audio, dtype=np.float32).reshape(-1), int(sample_rate),
-                               colour=info.colour.for_output())
-        # the frames were produced lazily inside the encoder's loop: separate the two
-        timings["encode"] = time.perf_counter() - t - (timings["model"] + timings["paste"] - before)
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        frames = self._pulled(rendering.frames, t_start, timings)
+        colour = info.colour.for_output()
+        if streamed:
+            pieces = stream_mp4(frames, info.fps, audio, int(sample_rate), colour=colour)
+        else:
+            pieces = iter([media.encode_mp4(frames, info.fps, audio, int(sample_rate), colour=colour)])
+        whole = []
+        while True:
+            # only the time spent making pieces counts, not the time the caller holds one
+            t, before = time.perf_counter(), timings["model"] + timings["paste"]
+            piece = next(pieces, None)
+            # the frames are produced lazily inside the encoder's loop: separate the two
+            timings["encode"] += time.perf_counter() - t - (timings["model"] + timings["paste"] - before)
+            if piece is None:
+                break
+            if streamed and "first_fragment" not in timings and b"moof" in piece:
+                timings["first_fragment"] = time.perf_counter() - t_start
+            whole.append(piece)
+            yield piece
         n_out = len(rendering.source_of)
         passed = int(rendering.passed_through.sum())
-        log.info("lip sync: %d output frames from %d decoded source frames (%s, %s, %d detections, %d passed through)",
-                 n_out, rendering.decoded_frames, rendering.plan.detector, rendering.plan.mode,
-                 rendering.detected_frames, passed)
-        return SyncResult(
-            mp4=mp4, duration_s=n_out / info.fps, n_frames=n_out, decoded_frames=rendering.decoded_frames,
-            detected_frames=rendering.detected_frames, timings=timings, synthetic_weights=self.synthetic_weights,
-            face_cache_hit=rendering.cache_hit, frames_passed_through=passed, face_mode=rendering.plan.mode,
-            warnings=self._warnings(rendering), precision=self.precision_name,
+        log.info("lip sync: %d output frames from %d decoded source frames (%s, %s, %d detections, %d passed "
+                 "through%s)", n_out, rendering.decoded_frames, rendering.plan.detector, rendering.plan.mode,
+                 rendering.detected_frames, passed, ", streamed" if streamed else "")
+        yield SyncResult(
+            mp4=b"" if streamed else whole[0], duration_s=n_out / info.fps, n_frames=n_out,
+            decoded_frames=rendering.decoded_frames, detected_frames=rendering.detected_frames, timings=timings,
+            synthetic_weights=self.synthetic_weights, face_cache_hit=rendering.cache_hit, frames_passed_through=passed,
+            face_mode=rendering.plan.mode, warnings=self._warnings(rendering), precision=self.precision_name,
         )
 
     def _warnings(self, rendering: Rendering) -> list[str]:

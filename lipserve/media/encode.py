@@ -108,11 +108,12 @@ class Mp4Tracks:
     assume for this size; see Colour). `write(image, t)` puts a frame at t seconds and the audio
     up to the end of that frame; `time_base` is the video's clock (1/fps unless given; a finer
     one keeps irregular frame times). `video` is the video stream, for tags set before writing.
+    `x264`: more libx264 options (a streamed answer's keyframe interval and latency tuning).
     """
 
     def __init__(self, container, width: int, height: int, fps: float, audio: np.ndarray | None,
                  sample_rate: int, *, crf: int = 23, colour: Colour | None = None,
-                 time_base: Fraction | None = None):
+                 time_base: Fraction | None = None, x264: dict[str, str] | None = None):
         if fps <= 0:
             raise ValueError("fps must be positive")
         rate = Fraction(fps).limit_denominator(1001)
@@ -122,7 +123,7 @@ class Mp4Tracks:
         self.video.height, self.video.width = height + height % 2, width + width % 2
         self.video.pix_fmt = "yuv420p"
         self.video.codec_context.time_base = self.time_base
-        self.video.options = {"preset": _PRESET, "crf": str(crf)}
+        self.video.options = {"preset": _PRESET, "crf": str(crf), **(x264 or {})}
         self.colour = colour if colour is not None else Colour(hd=is_hd(self.video.width, self.video.height))
         context = self.video.codec_context
         context.colorspace, context.color_range = self.colour.matrix, self.colour.range
