@@ -217,6 +217,24 @@ class StageReplica:
         return StageOutput(result, start, start + seconds)
 
 
+    async def stream_timed(self, stage: str, engine: str, items):
+        """Pass on what the blocking generator `items` yields, made on a thread of its own; the
+        whole stream's latency is recorded under `stage` (e.g. lipsync_stream) and a failure counted."""
+        from lipserve.streaming import iterate_in_thread
+
+        t0 = time.perf_counter()
+        self.in_flight[stage] += 1
+        try:
+            async for item in iterate_in_thread(items, stage):
+                yield item
+        except BaseException as exc:
+            self.metrics.failed(stage, error_code(exc))
+            raise
+        finally:
+            self.in_flight[stage] -= 1
+        self.metrics.observe(stage, engine, time.perf_counter() - t0)
+
+
 def _pid() -> int:
     import os
 

@@ -48,6 +48,7 @@ from .errors import classify
 from .jobs import JobRunner, job_store
 from .metrics import stage_metrics
 from .stages import RemoteStages
+from .streamed import stream_answer
 from .webapp import app
 
 # what the lip-video and job routes can answer besides success (each with its codes, in the schema)
@@ -166,7 +167,21 @@ class Ingress:
         self.observe(response)
         return response
 
-    async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None):
+    @app.post("/api/v1/lip-video/stream", responses={200: {"content": {"video/mp4": {}},
+                                                          "description": "fragmented MP4, sent as it is made"},
+                                                     **REQUEST_ERRORS})
+    async def lip_video_stream(self, request: Request, lip_request: LipVideoRequest = EXAMPLE_BODY):
+        """The same request as POST /api/v1/lip-video, answered with the video itself as it is made
+        (fragmented MP4, chunked); the output is still written whole at the end (docs/SERVING.md)."""
+        request_id = request_id_of(request)
+
+        def run(send):
+            return with_timeout(self._run(lip_request, request_id, send=send), self.settings.serving.request_timeout_s)
+
+        return await stream_answer(run, request_id, refuse=lambda exc: self.refuse(exc, request_id),
+                                   failed=lambda exc: self.failure(exc, request_id), answered=self.observe)
+
+    async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None, send=None):
         async with (admission if admission is not None else self.gate.reserve()), \
                 self.in_flight.request() as track:
             await self.stages.load_info()
@@ -177,11 +192,11 @@ class Ingress:
                     progress(step, event, seconds)  # a job's stages (deployments/jobs.py)
 
             return await orchestrate(lip_request, request_id, self.settings, self.storage, self.stages,
-                                     progress=report, label="lipserve (serve)")
+                                     progress=report, label="lipserve (serve)", send=send)
 
     def observe(self, response: LipVideoResponse) -> None:
         """The ingress's own steps and the whole request, beside the stages' own latencies."""
-        for step in ("download", "upload", "first_frame", "total"):
+        for step in ("download", "upload", "first_frame", "first_fragment", "total"):
             if step in response.step_times:
                 self.metrics.observe("request" if step == "total" else step, "ingress", response.step_times[step])
 

@@ -33,3 +33,14 @@ class LipSyncDeployment(StageReplica):
         checkpoint = self.settings.lipsync.wav2lip_checkpoint
         return await self.run_timed("lipsync", lambda r: checkpoint, self.worker.sync, data, audio, sample_rate,
                                     LipSyncOptions(**options), plan)
+
+    async def sync_stream(self, video, audio, sample_rate: int, options: dict, plan=None):
+        """`sync` as a stream (call with handle.options(stream=True)): fragmented-MP4 bytes as they are
+        encoded, then the SyncResult (its mp4 empty: the pieces are the file). Tagged lipsync_stream."""
+        from lipserve.lipsync import LipSyncOptions
+
+        data = await resolve(video)
+        pieces = self.worker.sync_stream(data, audio, sample_rate, LipSyncOptions(**options), plan)
+        async for item in self.stream_timed("lipsync_stream", self.settings.lipsync.wav2lip_checkpoint, pieces):
+            yield item
+

@@ -81,3 +81,12 @@ class RemoteStages:
     async def sync(self, video, audio, sample_rate, options, plan):
         return await from_stage("LipSyncer", "lipsync", self.lipsync.sync.remote(
             video, audio, sample_rate, options, plan))
+
+    async def sync_stream(self, video, audio, sample_rate, options, plan):
+        pieces = self.lipsync.options(stream=True).sync_stream.remote(video, audio, sample_rate, options, plan)
+        try:
+            async for item in pieces:
+                yield item
+        except STAGE_LOST as exc:
+            raise stage_lost("LipSyncer", exc, "lipsync") from exc
+

@@ -620,3 +620,37 @@ def _wait_for_job(client, job_id: str, condition, timeout_s: float):
             return status
         time.sleep(0.2)
     raise AssertionError(f"job {job_id}: condition not met within {timeout_s:g}s (last: {status.status} {status.stage})")
+
+
+def test_a_streamed_answer_is_fragmented_mp4_sent_in_pieces_and_stored_whole(served):
+    """POST /api/v1/lip-video/stream through Serve's own streaming (the LipSyncer generator and a
+    streaming response): the first piece arrives well before the last, the body is fragmented MP4,
+    and the stored output is exactly what was streamed."""
+    from lipserve.media.fragments import mp4_boxes
+
+    body = _body(served["bucket"], "out/streamed.mp4", word="This answer streams as it is made.")
+    pieces, arrivals = [], []
+    start = time.perf_counter()
+    with served["client"].stream("POST", "/api/v1/lip-video/stream", json=body,
+                                 headers={"X-Request-ID": "streamed-1"}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"] == "video/mp4" and r.headers["x-request-id"] == "streamed-1"
+        assert r.headers.get("transfer-encoding") == "chunked"
+        for chunk in r.iter_raw():
+            pieces.append(chunk)
+            arrivals.append(time.perf_counter() - start)
+    data = b"".join(pieces)
+    assert mp4_boxes(data)[:3] == ["ftyp", "moov", "moof"] and mp4_boxes(data).count("moof") >= 2
+    assert len(pieces) >= 2 and arrivals[0] < arrivals[-1]
+    info = media.probe(data)
+    assert info.has_audio and len(media.decode_frames(data)) == info.n_frames
+    stored = served["gcs"].bucket(served["bucket"]).blob("out/streamed.mp4").download_as_bytes()
+    assert stored == data
+
+
+def test_a_streamed_request_refused_before_its_first_byte_gets_the_json_error(served):
+    body = _body(served["bucket"], "out/never-streamed.mp4", word="a" * (MAX_TEXT + 1))
+    r = served["client"].post("/api/v1/lip-video/stream", json=body)
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["code"] == "text_too_long"
+    assert not _exists(served, f"gs://{served['bucket']}/out/never-streamed.mp4")

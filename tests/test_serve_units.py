@@ -339,9 +339,16 @@ def test_openapi_schema_is_the_contract_models():
             assert answer["content"]["application/json"]["schema"]["$ref"] == ref.format(model="ErrorBody")
             assert all(code in answer["description"] for code in error_codes(status)), (path, status)
         assert "Retry-After" in op["responses"]["503"]["headers"]
+    # the streamed answer: the same body, the video itself on 200, the same JSON errors before it
+    stream = spec["paths"]["/api/v1/lip-video/stream"]["post"]
+    assert stream["requestBody"]["content"]["application/json"]["schema"]["$ref"] == ref.format(model="LipVideoRequest")
+    assert "video/mp4" in stream["responses"]["200"]["content"]
+    for status in (400, 401, 403, 404, 409, 413, 422, 503):
+        schema = stream["responses"][str(status)]["content"]["application/json"]["schema"]
+        assert schema["$ref"] == ref.format(model="ErrorBody")
     assert {"/api/v1/jobs/{job_id}", "/api/v1/uploads", "/api/v1/media", "/api/v1/languages", "/health",
             "/api/v1/models", "/api/v1/preload-models"} == set(spec["paths"]) - {
-                "/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/jobs"}
+                "/api/v1/lip-video", "/api/v1/lip-video-optimized", "/api/v1/lip-video/stream", "/api/v1/jobs"}
 
 
 def test_a_deployments_user_config_may_set_only_the_settings_it_reads():
