@@ -65,6 +65,7 @@ def build_response(request: LipVideoRequest, request_id: str, timer: StageTimer,
         warnings=warnings,
         stage_spans={k: [round(a, 4), round(b, 4)] for k, (a, b) in timer.spans.items()},
         frames_passed_through=int(getattr(outcome.sync, "frames_passed_through", 0)),
+        face_mode=getattr(outcome.sync, "face_mode", None) or None,
         precision=precision,
         voice_similarity=getattr(outcome.voice, "voice_similarity", None),
     )

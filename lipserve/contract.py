@@ -114,6 +114,8 @@ class LipVideoResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     stage_spans: dict[str, list[float]] = Field(default_factory=dict, description="stage -> [start, end] unix seconds, measured where the stage ran")
     frames_passed_through: int = Field(0, description="output frames without a face, left exactly as in the source (no lip sync)")
+    face_mode: str | None = Field(None, description="how the face boxes were settled: static, track, box, auto/still "
+                                                    "or auto/track (the request's face_mode, else the lip-sync stage's)")
     precision: dict[str, str] = Field(default_factory=dict, description="stage -> the precision its networks ran in: fp32, fp16 or bf16")
     voice_similarity: float | None = Field(None, description="cosine between the speaker embeddings of the voice reference and of the converted speech (speaker encoder of the voice stage); higher = closer to the user's voice")
 

@@ -288,7 +288,8 @@ def test_a_redeploy_under_traffic_finishes_or_refuses_every_request(served):
     deployments = {d["name"]: d for d in changed["applications"][0]["deployments"]}
     deployments["Ingress"]["user_config"]["max_waiting"] = 2
     lipsync = deployments["LipSyncer"]["user_config"]
-    lipsync["settings"] = {**(lipsync.get("settings") or {}), "pads": [0, 12, 0, 0]}
+    # LipSyncer's own settings: what its requests get when they leave face_mode and pads unset
+    lipsync["settings"] = {**(lipsync.get("settings") or {}), "pads": [0, 12, 0, 0], "face_mode": "static"}
     pids = {name: _stage_state(name)["replica_pid"] for name in deployments}
 
     with cf.ThreadPoolExecutor(2) as pool:
@@ -314,5 +315,6 @@ def test_a_redeploy_under_traffic_finishes_or_refuses_every_request(served):
     assert {name: _stage_state(name)["replica_pid"] for name in deployments} == pids
     r, _ = _post(served, _body(served, "out/after-redeploy.mp4", word="After the redeploy."))
     assert r.status_code == 200, r.text
+    assert r.json()["face_mode"] == "static"  # the LipSyncer's user_config reached the request
     MEASURED["redeploy under traffic"] = (f"a new user_config in force {redeploy_s:.1f} s after `serve run "
                                           f"--non-blocking`; the 2 requests in flight answered {statuses}")
