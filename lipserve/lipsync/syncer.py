@@ -301,7 +301,7 @@ class LipSyncer(OnRuntime):
             pieces = stream_mp4(frames, info.fps, audio, int(sample_rate), colour=colour)
         else:
             pieces = iter([media.encode_mp4(frames, info.fps, audio, int(sample_rate), colour=colour)])
-        whole = []
+        mp4 = b""  # a whole answer's one piece; a streamed answer's pieces are the caller's to keep
         while True:
             # only the time spent making pieces counts, not the time the caller holds one
             t, before = time.perf_counter(), timings["model"] + timings["paste"]
@@ -312,7 +312,8 @@ class LipSyncer(OnRuntime):
                 break
             if streamed and "first_fragment" not in timings and b"moof" in piece:
                 timings["first_fragment"] = time.perf_counter() - t_start
-            whole.append(piece)
+            if not streamed:
+                mp4 = piece
             yield piece
         n_out = len(rendering.source_of)
         passed = int(rendering.passed_through.sum())
@@ -320,7 +321,7 @@ class LipSyncer(OnRuntime):
                  "through%s)", n_out, rendering.decoded_frames, rendering.plan.detector, rendering.plan.mode,
                  rendering.detected_frames, passed, ", streamed" if streamed else "")
         yield SyncResult(
-            mp4=b"" if streamed else whole[0], duration_s=n_out / info.fps, n_frames=n_out,
+            mp4=mp4, duration_s=n_out / info.fps, n_frames=n_out,
             decoded_frames=rendering.decoded_frames, detected_frames=rendering.detected_frames, timings=timings,
             synthetic_weights=self.synthetic_weights, face_cache_hit=rendering.cache_hit, frames_passed_through=passed,
             face_mode=rendering.plan.mode, warnings=self._warnings(rendering), precision=self.precision_name,
