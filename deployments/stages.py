@@ -28,6 +28,9 @@ class RemoteStages:
 
     def __init__(self, speech, voice, lipsync):
         self.speech, self.voice, self.lipsync = speech, voice, lipsync
+        # the labels /health reports under, and the deployments behind them
+        self.deployment_of = {"tts": speech.deployment_name, "voice": voice.deployment_name,
+                              "lipsync": lipsync.deployment_name}
         self.stage_languages: dict[str, list[str]] | None = None  # engine -> languages
         self.stage_engines: dict[str, str] = {}
 
@@ -42,10 +45,13 @@ class RemoteStages:
                                                                    self.lipsync.describe.remote()))
             self.stage_engines = stage_engines(voice_desc, lip_desc)
 
-    async def report(self, method: str) -> dict[str, dict]:
+    async def report(self, method: str, without_replica: tuple[str, ...] = ()) -> dict[str, dict]:
         """Each stage's answer to `method` (describe or warm); a stage that cannot answer is
-        reported as down, with why (the type only: a replica's exception text carries its traceback)."""
+        reported as down, with why (the type only: a replica's exception text carries its traceback).
+        A deployment in `without_replica` is reported down at once (asking it would wait for one)."""
         async def ask(name, handle):
+            if self.deployment_of[name] in without_replica:
+                return name, {"up": False, "model_loaded": False, "error": "no running replica"}
             try:
                 return name, await asyncio.wait_for(getattr(handle, method).remote(), STAGE_INFO_TIMEOUT_S)
             except Exception as exc:  # reported, not raised: /health says which stage is down

@@ -161,13 +161,42 @@ def _parent_death_signal():
     return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def stop_process_tree(process: subprocess.Popen, timeout_s: float) -> set[int]:
+    """SIGTERM a `ray start --block` (it drains its node, then stops what it started), wait for
+    every process below it to exit, SIGKILL what outlives `timeout_s`; those it had to kill."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    tree |= descendants(process.pid)
+    leftovers = wait_gone(tree, timeout_s)
+    for pid in leftovers:  # ours, and past their time: make sure they go
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leftovers:
+        log.warning("local Ray: %d processes outlived the stop and were killed: %s", len(leftovers), sorted(leftovers))
+        wait_gone(leftovers, 10)
+    return leftovers
+
+
 class LocalRay:
     """`with LocalRay(num_cpus=2, num_gpus=2) as cluster:` ... `ray.init` is done, `cluster.address`
     is the GCS address, `cluster.metrics_url` Ray's Prometheus export."""
 
     def __init__(self, num_cpus: int | None = None, num_gpus: int | None = None, *, start_timeout_s: float = 300,
-                 agent_wait_s: float = 300, stop_timeout_s: float = 120):
+                 agent_wait_s: float = 300, stop_timeout_s: float = 120, connect: bool = True,
+                 env: dict[str, str] | None = None):
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        # connect=False: no driver in this process (a multi-node test talks to the cluster through
+        # the CLIs and HTTP only, as an operator does); env: RAY_* system settings for the head
+        self.connect, self.extra_env = connect, dict(env or {})
+        self.ports: list[int] = []
         self.start_timeout_s, self.agent_wait_s, self.stop_timeout_s = start_timeout_s, agent_wait_s, stop_timeout_s
         self.process: subprocess.Popen | None = None
         self.temp_dir: Path | None = None
@@ -206,22 +235,32 @@ class LocalRay:
         # first replica with env vars starts) before it gives up on the node
         env["RAY_agent_register_timeout_ms"] = str(int(self.agent_wait_s * 1000))
         env.pop("RAY_ADDRESS", None)
+        env.update(self.extra_env)
         return env
 
     def start(self) -> "LocalRay":
-        import ray
-
         t0 = time.perf_counter()
         # short: Ray's unix sockets live below it and their paths are limited to 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lsray-", dir="/tmp"))
         token_file = self.temp_dir / "auth_token"
         token_file.write_text(secrets.token_hex(32))
         token_file.chmod(0o600)
-        ports = pick_ports(2 + len(AGENT_PORT_FLAGS))
-        listen_port, self.metrics_port = ports[2], ports[-1]
+        self.ports = pick_ports(2 + len(AGENT_PORT_FLAGS))
+        self.metrics_port = self.ports[-1]
+        self._launch()
+        if self.connect:
+            self._connect()
+        self.start_s = time.perf_counter() - t0
+        log.info("local Ray up at %s in %.1f s (temp dir %s)", self.address, self.start_s, self.temp_dir)
+        return self
+
+    def _launch(self) -> None:
+        """Start `ray start --head --block` on self.ports and wait until the head is up (also what a
+        restart of a lost head runs: the same command, the same ports)."""
+        listen_port = self.ports[2]
         log_path = self.temp_dir / "ray-start.log"
-        with open(log_path, "wb") as out:
-            self.process = subprocess.Popen(self.command(ports), stdout=out, stderr=subprocess.STDOUT,
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(self.command(self.ports), stdout=out, stderr=subprocess.STDOUT,
                                             env=self.environment(), preexec_fn=_parent_death_signal())
         address_file = self.temp_dir / "ray_current_cluster"  # written by `ray start` once the node is up
         deadline = time.monotonic() + self.start_timeout_s
@@ -240,15 +279,16 @@ class LocalRay:
                                    f"(its logs are kept in {logs}):\n{tail}")
             time.sleep(0.05)
         self.address = address_file.read_text().strip()
+
+    def _connect(self) -> None:
+        import ray
+
         self._use_token_here()
         try:
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         except Exception:
             self.stop(keep_logs=True)
             raise
-        self.start_s = time.perf_counter() - t0
-        log.info("local Ray up at %s in %.1f s (temp dir %s)", self.address, self.start_s, self.temp_dir)
-        return self
 
     def _use_token_here(self) -> None:
         """This driver presents the cluster's token (ray.init with an address does not pick one)."""
@@ -272,29 +312,10 @@ class LocalRay:
         """Disconnect, stop the node, and wait for every one of its processes to exit."""
         import ray
 
-        if ray.is_initialized():
+        if self.connect and ray.is_initialized():
             ray.shutdown()
         if self.process is not None:
-            tree = descendants(self.process.pid)
-            if self.process.poll() is None:
-                # `ray start --block` drains the node on SIGTERM, then stops what it started
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            tree |= descendants(self.process.pid)
-            self.leftovers = wait_gone(tree, self.stop_timeout_s)
-            for pid in self.leftovers:  # ours, and past their time: make sure they go
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if self.leftovers:
-                log.warning("local Ray: %d processes outlived the stop and were killed: %s",
-                            len(self.leftovers), sorted(self.leftovers))
-                wait_gone(self.leftovers, 10)
+            self.leftovers = stop_process_tree(self.process, self.stop_timeout_s)
             self.process = None
         self._restore_env()
         if self.temp_dir is not None and not keep_logs:

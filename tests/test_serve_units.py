@@ -9,8 +9,9 @@ import pytest
 
 from deployments import errors, ingress
 from deployments.admission import AdmissionGate
+from deployments.availability import STALE_AFTER_S, StageAvailability
 from lipserve.contract import EXAMPLE_REQUEST
-from lipserve.errors import NoFaceFound, Overloaded, Timeout
+from lipserve.errors import NoFaceFound, Overloaded, StageUnavailable, Timeout
 from lipserve.pipeline import gather_or_cancel, with_timeout
 
 
@@ -383,3 +384,34 @@ def test_the_readme_names_the_settings_sections_each_deployment_reads():
                        ("LipSyncer", LipSyncDeployment.func_or_class.owns),
                        ("Ingress", ingress.INGRESS_SECTIONS)]:
         assert f"{name}: {', '.join(owns)}" in readme
+
+
+def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_controller_refuses_nothing():
+    """The ingress's view of the controller: a fresh answer that LipSyncer has no running replica
+    refuses with 503 naming it; no answer yet, a failing or an old answer refuses nothing."""
+    now = [100.0]
+    answers = [{"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 0}]
+
+    def ask(app_name):
+        assert app_name == "lipserve"
+        answer = answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
+                             clock=lambda: now[0])
+    seen.check()  # never answered: nothing is known, nothing refused
+    asyncio.run(seen.refresh())
+    assert seen.missing() == ["LipSyncer"]
+    with pytest.raises(StageUnavailable) as refused:
+        seen.check()
+    assert refused.value.stage == "LipSyncer" and refused.value.status == 503 and refused.value.retry_after > 0
+    answers[0] = RuntimeError("controller restarting")
+    asyncio.run(seen.refresh())  # a failed ask keeps the last answer until it goes stale
+    assert seen.missing() == ["LipSyncer"]
+    now[0] += STALE_AFTER_S + 1
+    assert seen.missing() == [] and seen.check() is None
+    answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 2}
+    asyncio.run(seen.refresh())
+    assert seen.missing() == []
