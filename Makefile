@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 # Debian packages each command needs (tools/sysdeps.sh installs the missing ones as root with
 # apt-get, else says how). chromium + chromium-driver: the try-it page's real-browser test;
 # espeak-ng: the second voice of the real speaker-encoder test and the espeak engine's tests.
-# The demo needs none: its voice is piper's, from pip. (A future redis-server goes in a list too.)
-TEST_SYSTEM_PACKAGES := espeak-ng chromium chromium-driver
+# redis-server: the GCS store of the multi-node head-loss test (issue #24; the test starts its own
+# instance on a free loopback port). The demo needs none: its voice is piper's, from pip.
+TEST_SYSTEM_PACKAGES := espeak-ng chromium chromium-driver redis-server
 TEST_FAST_SYSTEM_PACKAGES := espeak-ng
 DEMO_SYSTEM_PACKAGES :=
 
