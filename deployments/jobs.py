@@ -26,15 +26,18 @@ from typing import Awaitable, Callable
 
 import ray
 
-from lipserve.errors import JobInterrupted, LipserveError
+from lipserve.errors import JobInterrupted, LipserveError, StageUnavailable
 from lipserve.jobs import JobBook
 from lipserve.pipeline import Progress
 
-from .errors import classify
+from .errors import STAGE_LOST, classify, stage_lost
 
 log = logging.getLogger("lipserve.jobs")
 
 NAMESPACE = "lipserve"
+# a caller's wait for the book: its first call from a replica finds the actor through Ray's GCS,
+# which may be frozen or restarting with the head; the caller then gets a 503, not a hang
+BOOK_TIMEOUT_S = 10.0
 
 
 @ray.remote(num_cpus=0)
@@ -97,7 +100,7 @@ class JobRunner:
     async def submit(self, job_id: str, request_id: str, work: JobWork, retention_s: float,
                      lost_after_s: float) -> dict:
         """Book the job (queued) and start it; returns its first status."""
-        status = await self.store.create.remote(job_id, request_id, self.owner)
+        status = await self.ask_book("create", self.store.create.remote(job_id, request_id, self.owner))
         task = asyncio.create_task(self._run(job_id, request_id, work, retention_s))
         self.tasks[job_id] = task
         task.add_done_callback(lambda _t: self.tasks.pop(job_id, None))
@@ -106,7 +109,19 @@ class JobRunner:
         return status
 
     async def get(self, job_id: str, lost_after_s: float, retention_s: float) -> dict | None:
-        return await self.store.get.remote(job_id, lost_after_s, retention_s)
+        return await self.ask_book("get", self.store.get.remote(job_id, lost_after_s, retention_s))
+
+    @staticmethod
+    async def ask_book(step: str, response):
+        """A caller's call to the book: 503 stage_unavailable (stage JobStore) when it is gone or
+        does not answer within BOOK_TIMEOUT_S."""
+        try:
+            return await asyncio.wait_for(response, BOOK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise StageUnavailable(f"the job book did not answer within {BOOK_TIMEOUT_S:g} s (Ray's control "
+                                   "store may be restarting); retry later", stage="JobStore") from None
+        except STAGE_LOST as exc:
+            raise stage_lost("JobStore", exc, step) from exc
 
     async def _run(self, job_id: str, request_id: str, work: JobWork, retention_s: float) -> None:
         def progress(stage: str, event: str, seconds: float | None) -> None:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .local_ray import (AGENT_PORT_FLAGS, LocalRay, _parent_death_signal, command_line, descendants, pick_ports,
+from .local_ray import (AGENT_PORT_FLAGS, LocalRay, _parent_death_signal, alive, command_line, descendants, pick_ports,
                         publish_listen_port, raylet_identity, stop_process_tree, wait_gone)
 
 # the head's GCS: a raylet silent for 3 checks 1 s apart (each given 1 s) is dead
@@ -115,6 +115,13 @@ class WorkerNode:
         if self.process is None:
             return set()
         return {self.process.pid} | descendants(self.process.pid)
+
+    def running(self) -> set[int]:
+        """Those of the node's processes (as of the last look) still alive; reaps `ray start` once
+        it has exited."""
+        if self.process is not None:
+            self.process.poll()
+        return {pid for pid in self.pids if alive(pid)}
 
     def kill(self) -> int:
         """Lose the node: SIGKILL every one of its processes at once (a machine gone); how many."""

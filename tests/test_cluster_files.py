@@ -164,3 +164,28 @@ def test_cluster_readme_recipe_matches_the_files():
     args = render.group(1).replace("$IMAGE", "example.com/lipserve:v1").split()
     args[-1] = str(Path("/dev/null"))  # parse the README's options, write nowhere that matters
     assert render_rayservice.main([a if a != "serve_config.single-gpu.yaml" else str(ROOT / a) for a in args]) == 0
+
+
+def test_the_rayservice_survives_losing_its_head():
+    """What tests/test_node_faults.py showed a head loss needs: the GCS tables in an external Redis
+    (with the password the bundled Redis uses), a head that hosts no replica, a proxy on every node,
+    and workers that wait for a new head longer than Ray's 60 s default."""
+    cluster = load(CLUSTER / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    fault_tolerance = cluster["gcsFaultToleranceOptions"]
+    assert fault_tolerance["redisAddress"].startswith("redis://")
+    secret = fault_tolerance["redisPassword"]["valueFrom"]["secretKeyRef"]
+    redis = list(yaml.safe_load_all((CLUSTER / "redis.yaml").read_text()))
+    service = next(d for d in redis if d["kind"] == "Service")
+    host, port = fault_tolerance["redisAddress"].removeprefix("redis://").split(":")
+    assert host == service["metadata"]["name"] and int(port) == service["spec"]["ports"][0]["port"]
+    statefulset = next(d for d in redis if d["kind"] == "StatefulSet")
+    redis_env = statefulset["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"secretKeyRef": secret} in [e["valueFrom"] for e in redis_env]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert any(g["minReplicas"] >= 1 and g["rayStartParams"].get("num-gpus") == "0"
+               for g in cluster["workerGroupSpecs"]), "no CPU worker is always there for the Ingress"
+    for name in ("serve_config.yaml", "serve_config.single-gpu.yaml"):
+        assert load(ROOT / name)["proxy_location"] == "EveryNode", name
+    for group in cluster["workerGroupSpecs"]:
+        env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        assert int(env["RAY_gcs_rpc_server_reconnect_timeout_s"]) > 60, group["groupName"]

@@ -415,3 +415,21 @@ def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_contr
     answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 2}
     asyncio.run(seen.refresh())
     assert seen.missing() == []
+
+
+def test_a_job_book_that_does_not_answer_is_a_503_naming_it_not_a_hang(monkeypatch):
+    from deployments import jobs
+
+    monkeypatch.setattr(jobs, "BOOK_TIMEOUT_S", 0.05)
+
+    async def never():
+        await asyncio.Event().wait()
+
+    with pytest.raises(StageUnavailable) as refused:
+        asyncio.run(jobs.JobRunner.ask_book("get", never()))
+    assert refused.value.stage == "JobStore" and refused.value.status == 503
+
+    async def answer():
+        return {"status": "done"}
+
+    assert asyncio.run(jobs.JobRunner.ask_book("get", answer())) == {"status": "done"}
