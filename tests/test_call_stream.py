@@ -6,6 +6,7 @@ the route ends an answer that fails after its first byte). Hooks between the pie
 look at what the client has written before the server sends the rest."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -206,3 +207,25 @@ def test_stream_options_that_do_not_fit_are_refused_before_any_call(capsys):
                  main(call_args(server.url, "-o", "x.mp4"))]                  # -o without --stream
     assert codes == [2, 2, 2] and server.hits == []
     assert "--stream needs -o FILE" in capsys.readouterr().err
+
+
+def test_the_async_client_streams_the_same_way():
+    from lipserve.client import AsyncLipserveClient, IncompleteAnswer
+
+    async def take(url: str) -> tuple[list[bytes], Exception | None]:
+        got = []
+        async with AsyncLipserveClient(url, token="t0k", timeout=5) as client:
+            async with client.stream_lip_video("Hi there.", "gs://b/in.mp4", "gs://b/said.mp4") as answer:
+                try:
+                    async for chunk in answer.achunks():
+                        got.append(chunk)
+                except IncompleteAnswer as exc:
+                    return got, exc
+        return got, None
+
+    with StreamRouteStandIn([stream(PIECES), stream(PIECES, cut_after=1)]) as server:
+        whole, whole_error = asyncio.run(take(server.url))
+        cut, cut_error = asyncio.run(take(server.url))
+    assert b"".join(whole) == b"".join(PIECES) and whole_error is None
+    assert b"".join(cut) == PIECES[0] and cut_error.received == len(PIECES[0])
+    assert cut_error.request_id == "rid-streamed" and "the answer is incomplete" in str(cut_error)
