@@ -3,6 +3,7 @@
     lipserve run --video me.mp4 --text "Hello there" --out said.mp4   # the whole pipeline, one process, no Ray
     lipserve run --video me.mp4 --audio speech.wav --box 100 60 300 280 --out said.mp4   # own speech and face box
     lipserve call --url http://host:8000 --video gs://b/me.mp4 --text "Hello there"   # a running server
+    lipserve call --url http://host:8000 --video gs://b/me.mp4 --text "Hello" --stream -o - | ffplay -   # as it is made
     lipserve weights fetch|verify|list                                 # checkpoints (lipserve/weights/cli.py)
 """
 from __future__ import annotations
@@ -12,9 +13,12 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from .errors import LipserveError
 
@@ -22,8 +26,8 @@ from .errors import LipserveError
 class StageLines:
     """Progress for the long steps: one line when a stage starts and one when it ends."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now (tests capture it)
         self.t0 = time.perf_counter()
 
     def __call__(self, stage: str, event: str, seconds: float | None) -> None:
@@ -32,6 +36,9 @@ class StageLines:
             print(f"[{now:7.2f}s] {stage:<9} ...", file=self.stream, flush=True)
         else:
             print(f"[{now:7.2f}s] {stage:<9} done in {seconds:.2f}s", file=self.stream, flush=True)
+
+    def note(self, stage: str, text: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.2f}s] {stage:<9} {text}", file=self.stream, flush=True)
 
 
 def _local_uri(value: str) -> str:
@@ -123,14 +130,74 @@ def default_output(video: str) -> str:
 
 
 def cmd_call(args) -> int:
-    from .client import LipserveHTTPError
+    from .client import IncompleteAnswer, LipserveHTTPError
 
+    if args.stream and (args.job or args.json or not args.output_file):
+        print("error: --stream needs -o FILE (or -o - for stdout), and takes neither --job nor --json "
+              "(its answer is the video itself)", file=sys.stderr)
+        return 2
+    if args.output_file and not args.stream:
+        print("error: -o is where --stream writes the video; without --stream the server writes --out",
+              file=sys.stderr)
+        return 2
     try:
         return call_server(args)
     except LipserveHTTPError as exc:
         print(f"error [{exc.status} {exc.code}]: {exc.message}"
               + (f" (request {exc.request_id})" if exc.request_id else ""), file=sys.stderr)
         return 1
+    except IncompleteAnswer as exc:
+        target = "stdout" if args.output_file == "-" else f"{args.output_file} (left as it was)"
+        print(f"error: {exc}; nothing complete was written to {target}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the player reading stdout went away; stdout goes to /dev/null so the exit's flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("error: the reader of stdout closed it before the answer ended", file=sys.stderr)
+        return 1
+
+
+@contextmanager
+def atomic_output(target: str) -> Iterator[BinaryIO]:
+    """Where a streamed answer goes: stdout for '-', else a temporary file beside `target` that
+    becomes `target` only when the block ends without an error (a cut-off answer is removed)."""
+    if target == "-":
+        yield sys.stdout.buffer
+        return
+    path = Path(target)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+    try:
+        with handle:
+            yield handle
+        umask = os.umask(0)  # a temporary file is private (0600); the answer gets a new file's usual mode
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
+def stream_to_output(client, args, video: str, out: str, options: dict) -> int:
+    """POST the stream route and write each chunk as it comes, flushed, so a pipe plays it at once."""
+    progress = StageLines()
+    progress("stream", "start", None)
+    with client.stream_lip_video(args.text, video, out, args.lang, options) as answer:
+        with atomic_output(args.output_file) as sink:
+            first_byte_s = None
+            for chunk in answer.chunks():
+                if first_byte_s is None:
+                    first_byte_s = time.perf_counter() - progress.t0
+                    progress.note("stream", f"first byte after {first_byte_s:.2f}s")
+                sink.write(chunk)
+                sink.flush()
+    total_s = time.perf_counter() - progress.t0
+    first = "no bytes" if first_byte_s is None else f"first byte after {first_byte_s:.2f}s"
+    progress.note("stream", f"done: {answer.received} bytes, {first}, total {total_s:.2f}s")
+    where = "stdout" if args.output_file == "-" else args.output_file
+    print(f"streamed to {where}; the server keeps the whole answer at {out}"
+          + (f" (request {answer.request_id})" if answer.request_id else ""), file=sys.stderr)
+    return 0
 
 
 def call_server(args) -> int:
@@ -149,6 +216,8 @@ def call_server(args) -> int:
                   file=sys.stderr)
             video = uploaded.uri
         out = args.out or default_output(video)
+        if args.stream:
+            return stream_to_output(client, args, video, out, options)
         if args.job:
             job = client.submit_job(args.text, video, out, args.lang, options)
             print(f"job {job.job_id} accepted", file=sys.stderr, flush=True)
@@ -206,12 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--video", help="source video as the server sees it: gs://bucket/object or a storage-root path")
     source.add_argument("--upload", help="a local video file to upload first (into the server's storage root)")
     call.add_argument("--text", required=True, help="what the person will say")
-    call.add_argument("--out", default=None, help="output location (default: beside a gs:// source, else results/)")
+    call.add_argument("--out", default=None,
+                      help="where the server writes the output (default: beside a gs:// source, else results/)")
     call.add_argument("--lang", default="en", help="TTS language code (default en)")
     call.add_argument("--face-mode", choices=["auto", "static", "track"], default=None)
     call.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     call.add_argument("--token", default=None, help="bearer token (default: $LIPSERVE_AUTH_TOKEN)")
     call.add_argument("--job", action="store_true", help="run it as a job: submit, then poll with progress")
+    call.add_argument("--stream", action="store_true",
+                      help="take the video itself as it is made (fragmented MP4) and write it to -o")
+    call.add_argument("-o", "--output-file", default=None, metavar="FILE",
+                      help="with --stream: a local file for the video (replaced only by a complete answer), "
+                           "or - for stdout")
     call.add_argument("--poll", type=float, default=1.0, help="seconds between job polls")
     call.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout per call, seconds")
     call.add_argument("--attempts", type=int, default=5, help="attempts on 503 / connection refused")

@@ -5,6 +5,9 @@
         answer = client.lip_video("Hello there.", "gs://bucket/me.mp4", "gs://bucket/me-says.mp4")
         job = client.submit_job("A longer sentence ...", "gs://bucket/me.mp4", "gs://bucket/me-long.mp4")
         answer = client.wait_job(job.job_id)            # polls GET /api/v1/jobs/{id}
+        with client.stream_lip_video("Hello there.", "gs://bucket/me.mp4", "gs://bucket/me-said.mp4") as answer:
+            for chunk in answer.chunks():              # fragmented MP4, as it is made
+                ...                                    # IncompleteAnswer if the server aborts it
 
 `AsyncLipserveClient` has the same methods, awaitable. Both build every call with one `Call`
 builder and retry it with one `RetryPolicy` (tenacity's `Retrying` or `AsyncRetrying`); only the
@@ -32,9 +35,10 @@ import asyncio
 import email.utils
 import random
 import time
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Iterator, TypeVar
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception_type, retry_if_result
@@ -65,6 +69,16 @@ class LipserveHTTPError(Exception):
             pass
         return cls(response.status_code, code, message, request_id or response.headers.get("x-request-id"),
                    retry_after_seconds(response.headers.get("retry-after")), attempts)
+
+
+class IncompleteAnswer(Exception):
+    """A streamed answer that ended before its last chunk: the server aborted it after the first byte
+    (its failure is in the server's log under the request id), or the connection broke."""
+
+    def __init__(self, received: int, request_id: str | None, cause: BaseException):
+        super().__init__(f"the answer is incomplete: the stream ended after {received} bytes without its end "
+                         f"({type(cause).__name__}: {cause})" + (f" (request {request_id})" if request_id else ""))
+        self.received, self.request_id = received, request_id
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -166,23 +180,59 @@ def _model(model: type[T]) -> Callable[[httpx.Response], T]:
     return lambda response: model.model_validate(response.json())
 
 
+class StreamedAnswer:
+    """An open 200 from POST /api/v1/lip-video/stream: the video's bytes as the server sends them.
+
+    `chunks()` (or `achunks()` on the asynchronous client) yields them; a transfer that ends before
+    the body's end raises IncompleteAnswer, so a caller never mistakes a cut-off file for the answer."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.request_id = response.headers.get("x-request-id")
+        self.received = 0
+
+    def _incomplete(self, cause: BaseException) -> IncompleteAnswer:
+        return IncompleteAnswer(self.received, self.request_id, cause)
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            for chunk in self.response.iter_bytes():
+                self.received += len(chunk)
+                yield chunk
+        except httpx.TransportError as exc:  # incomplete chunked body, reset, read timeout
+            raise self._incomplete(exc) from exc
+
+    async def achunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.response.aiter_bytes():
+                self.received += len(chunk)
+                yield chunk
+        except httpx.TransportError as exc:
+            raise self._incomplete(exc) from exc
+
+
 class Calls:
     """Every call of the API, built once for both clients."""
 
     @staticmethod
-    def _video(path: str, answer: type[T], word: str, user_video_gs: str, output_video_gs: str, tts_lang: str,
-               options: RequestOptions | dict | None, request_id: str | None) -> Call[T]:
+    def _video(path: str, parse: Callable[[httpx.Response], T], word: str, user_video_gs: str,
+               output_video_gs: str, tts_lang: str, options: RequestOptions | dict | None,
+               request_id: str | None) -> Call[T]:
         body = build_request(word, user_video_gs, output_video_gs, tts_lang, options)
         headers = {"X-Request-ID": request_id} if request_id else {}
-        return Call("POST", path, _model(answer), {"json": body, "headers": headers})
+        return Call("POST", path, parse, {"json": body, "headers": headers})
 
     @classmethod
     def lip_video(cls, *request: Any) -> Call[LipVideoResponse]:
-        return cls._video("/api/v1/lip-video", LipVideoResponse, *request)
+        return cls._video("/api/v1/lip-video", _model(LipVideoResponse), *request)
+
+    @classmethod
+    def lip_video_stream(cls, *request: Any) -> Call[StreamedAnswer]:
+        return cls._video("/api/v1/lip-video/stream", StreamedAnswer, *request)
 
     @classmethod
     def submit_job(cls, *request: Any) -> Call[JobStatus]:
-        return cls._video("/api/v1/jobs", JobStatus, *request)
+        return cls._video("/api/v1/jobs", _model(JobStatus), *request)
 
     @staticmethod
     def job(job_id: str) -> Call[JobStatus]:
@@ -265,10 +315,33 @@ class LipserveClient(_ClientBase):
     def _run(self, call: Call[T]) -> T:
         return call.parse(self.send(call.method, call.path, **call.keywords))
 
+    def _open_stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One attempt of a streamed call: the response open on its body, or a refusal read whole."""
+        response = self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
+        if _failed(response):
+            try:
+                response.read()  # the JSON error body: the retry policy and LipserveHTTPError read it
+            finally:
+                response.close()
+        return response
+
     def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                   options: RequestOptions | dict | None = None, *, request_id: str | None = None) -> LipVideoResponse:
         """POST /api/v1/lip-video: the video, written to output_video_gs, when the call returns."""
         return self._run(Calls.lip_video(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
+
+    @contextmanager
+    def stream_lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
+                         options: RequestOptions | dict | None = None, *,
+                         request_id: str | None = None) -> Iterator[StreamedAnswer]:
+        """POST /api/v1/lip-video/stream: the video's bytes as they are made (docs/SERVING.md). A
+        refusal before the first byte raises LipserveHTTPError (503 retried as on every call)."""
+        call = Calls.lip_video_stream(word, user_video_gs, output_video_gs, tts_lang, options, request_id)
+        response = self._retrying(Retrying, call.method)(self._open_stream, call.method, call.path, **call.keywords)
+        try:
+            yield call.parse(response)
+        finally:
+            response.close()
 
     def submit_job(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                    options: RequestOptions | dict | None = None, *, request_id: str | None = None) -> JobStatus:
@@ -321,10 +394,31 @@ class AsyncLipserveClient(_ClientBase):
     async def _run(self, call: Call[T]) -> T:
         return call.parse(await self.send(call.method, call.path, **call.keywords))
 
+    async def _open_stream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self.http.send(self.http.build_request(method, path, **kwargs), stream=True)
+        if _failed(response):
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
+
     async def lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                         options: RequestOptions | dict | None = None, *,
                         request_id: str | None = None) -> LipVideoResponse:
         return await self._run(Calls.lip_video(word, user_video_gs, output_video_gs, tts_lang, options, request_id))
+
+    @asynccontextmanager
+    async def stream_lip_video(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
+                               options: RequestOptions | dict | None = None, *,
+                               request_id: str | None = None) -> AsyncIterator[StreamedAnswer]:
+        call = Calls.lip_video_stream(word, user_video_gs, output_video_gs, tts_lang, options, request_id)
+        response = await self._retrying(AsyncRetrying, call.method)(self._open_stream, call.method, call.path,
+                                                                    **call.keywords)
+        try:
+            yield call.parse(response)
+        finally:
+            await response.aclose()
 
     async def submit_job(self, word: str, user_video_gs: str, output_video_gs: str, tts_lang: str = "en",
                          options: RequestOptions | dict | None = None, *,

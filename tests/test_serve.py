@@ -24,6 +24,7 @@ import yaml
 from devtools import testmedia
 from lipserve import media
 from lipserve.answer import STAGES
+from tests.fixtures.browser import chromium, wait_for
 from tests.fixtures.serve import (AUTH, CLIENT_TIMEOUT_S, JOB_LOST_AFTER_S, MAX_INPUT_BYTES, MAX_TEXT, MAX_VIDEO_S,
                                   REQUEST_TIMEOUT_S, TOKEN)
 
@@ -469,34 +470,6 @@ def test_upload_and_media_routes_keep_to_the_limits_and_the_storage(served):
     assert sorted(p.name for p in (served["root"] / "uploads").iterdir()) == [Path(uri).name]
 
 
-def _chromium(window=(1280, 1000)):
-    """Debian's chromium through chromium-driver (`make test` installs both), headless, with the flags
-    this machine's closed network needs."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
-    assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (as `make test` does)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--autoplay-policy=no-user-gesture-required",
-                 f"--window-size={window[0]},{window[1]}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
-def _wait_for(driver, script: str, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = driver.execute_script(script)
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-
-
 def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
     """Headless Chromium: load the page, pick a local file, go, watch the stages, play the result;
     then the /docs page's request schema. Screenshots go to $LIPSERVE_SCREENSHOTS (else tmp)."""
@@ -508,28 +481,31 @@ def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
     local_clip = tmp_path / "my selfie.mp4"
     local_clip.write_bytes(served["gcs"].bucket(served["bucket"]).blob("src.mp4").download_as_bytes())
     base = f"http://127.0.0.1:{served['port']}"
-    driver = _chromium()
+    driver = chromium()
     try:
         driver.get(base + "/")
         assert driver.title.startswith("lipserve")
         driver.find_element(By.ID, "token").send_keys(TOKEN + Keys.TAB)  # 'change' reloads the languages
-        _wait_for(driver, "return document.getElementById('lang').dataset.loaded === 'yes'", 60, "the language list")
+        wait_for(driver, "return document.getElementById('lang').dataset.loaded === 'yes'", 60, "the language list")
         assert "en" in [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#lang option")]
         driver.find_element(By.ID, "file").send_keys(str(local_clip))
         word = driver.find_element(By.ID, "word")
         word.clear()
         word.send_keys("Hello from the browser.")
+        stream = driver.find_element(By.ID, "stream")
+        assert stream.is_selected(), "this Chromium has MSE for the streamed answer: the page streams by default"
+        stream.click()  # this test is the job path (stages, then playback): the streamed one is the next test
         driver.find_element(By.ID, "go").click()
-        _wait_for(driver, "return document.querySelector('#steps tr[data-stage=tts][data-state=running],"
-                          "#steps tr[data-stage=tts][data-state=done]')", 120, "the tts stage to show")
-        state = _wait_for(driver, "const s = document.getElementById('status').dataset.state;"
-                                  "return s === 'done' || s === 'failed' ? s : null", 400, "the job to finish")
+        wait_for(driver, "return document.querySelector('#steps tr[data-stage=tts][data-state=running],"
+                         "#steps tr[data-stage=tts][data-state=done]')", 120, "the tts stage to show")
+        state = wait_for(driver, "const s = document.getElementById('status').dataset.state;"
+                                 "return s === 'done' || s === 'failed' ? s : null", 400, "the job to finish")
         status_text = driver.find_element(By.ID, "status").text
         assert state == "done", status_text
-        video = _wait_for(driver, "const v = document.getElementById('result');"
-                                  "return v.readyState >= 2 ? {ready: v.readyState, duration: v.duration,"
-                                  " src: v.currentSrc, width: v.videoWidth, error: v.error && v.error.code} : null",
-                          60, "the video to load")
+        video = wait_for(driver, "const v = document.getElementById('result');"
+                                 "return v.readyState >= 2 ? {ready: v.readyState, duration: v.duration,"
+                                 " src: v.currentSrc, width: v.videoWidth, error: v.error && v.error.code} : null",
+                         60, "the video to load")
         assert video["src"].startswith("blob:") and video["error"] is None and video["width"] == 320, video
         assert 0.5 < video["duration"] < MAX_VIDEO_S, video
         played = driver.execute_async_script(
@@ -548,14 +524,14 @@ def test_the_page_runs_a_request_end_to_end_in_a_real_browser(served, tmp_path):
         assert uploads and all("selfie" not in p.name for p in uploads)  # generated names only
 
         driver.get(base + "/docs")
-        _wait_for(driver, "return document.querySelector('#operations-default-lip_video_api_v1_lip_video_post')",
-                  60, "Swagger UI to render (from the package, no CDN)")
+        wait_for(driver, "return document.querySelector('#operations-default-lip_video_api_v1_lip_video_post')",
+                 60, "Swagger UI to render (from the package, no CDN)")
         driver.find_element(By.CSS_SELECTOR, "#operations-default-lip_video_api_v1_lip_video_post .opblock-summary").click()
-        _wait_for(driver, "return document.querySelector('.opblock-body .model-example')", 30, "the request body")
+        wait_for(driver, "return document.querySelector('.opblock-body .model-example')", 30, "the request body")
         schema_tab = driver.find_elements(By.XPATH, "//div[contains(@class,'opblock-body')]//button[normalize-space()='Schema']")
         assert schema_tab, "no Schema tab for the request body"
         schema_tab[0].click()
-        _wait_for(driver, "return document.querySelector('.opblock-body .model-box')", 30, "the request schema")
+        wait_for(driver, "return document.querySelector('.opblock-body .model-box')", 30, "the request schema")
         # the model's "Collapse all" then "Expand all": every field with its description and limits
         for _ in range(2):
             driver.find_elements(By.CSS_SELECTOR, ".opblock-body .json-schema-2020-12-expand-deep-button")[0].click()

@@ -57,7 +57,8 @@ def test_playback_reads_only_media_inside_what_the_api_may_read(local, tmp_path)
 
 def test_the_page_is_packaged_and_uses_the_api_routes():
     html = web.page_html()
-    for needle in ('id="result"', "api/v1/uploads", "api/v1/jobs", "api/v1/media", "api/v1/languages"):
+    for needle in ('id="result"', "api/v1/uploads", "api/v1/jobs", "api/v1/media", "api/v1/languages",
+                   "api/v1/lip-video/stream", "api/v1/models"):
         assert needle in html
 
 
