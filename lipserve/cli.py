@@ -98,18 +98,32 @@ def cmd_run(args) -> int:
     t = time.perf_counter()
     pipeline = Pipeline(settings, storage=storage, warm_up=False)  # one request: a warm-up would only add to it
     print(f"models loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-    response = pipeline.run(request, progress=progress)
+    if args.stream:
+        # the answer as it is made (fragmented MP4), beside the whole file the pipeline writes at --out
+        with atomic_output(args.stream) as sink:
+            def on_piece(piece: bytes) -> None:
+                sink.write(piece)
+                sink.flush()
+
+            response = pipeline.run(request, progress=progress, on_piece=on_piece)
+        progress.note("stream", f"first fragment after {response.step_times.get('first_fragment', 0.0):.2f}s")
+    else:
+        response = pipeline.run(request, progress=progress)
+    # with the video on stdout, the summary goes to stderr
+    summary = sys.stderr if args.stream == "-" else sys.stdout
 
     if response.synthetic_weights:
         print("\n" + "!" * 78 + "\n!! SYNTHETIC WEIGHTS: the models ran without their checkpoints."
               " The output is NOT meaningful.\n!! Fetch them with `lipserve weights fetch`.\n" + "!" * 78,
               file=sys.stderr)
     if args.json:
-        print(json.dumps(response.model_dump(), indent=2))
+        print(json.dumps(response.model_dump(), indent=2), file=summary)
     else:
-        print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s)")
-        print("engines: " + ", ".join(f"{k}={v}" for k, v in response.engines.items()))
-        print("step times: " + ", ".join(f"{k}={v:.2f}s" for k, v in response.step_times.items()))
+        print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s)"
+              + (f"; streamed to {'stdout' if args.stream == '-' else args.stream}" if args.stream else ""),
+              file=summary)
+        print("engines: " + ", ".join(f"{k}={v}" for k, v in response.engines.items()), file=summary)
+        print("step times: " + ", ".join(f"{k}={v:.2f}s" for k, v in response.step_times.items()), file=summary)
     print_warnings(response.warnings)
     return 0
 
@@ -266,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None,
                      help="make the random draws (TTS noise, voice prior) reproducible: same seed, same video")
     run.add_argument("--json", action="store_true", help="print the full response as JSON")
+    run.add_argument("--stream", metavar="FILE", default=None,
+                     help="also write the answer as it is made (fragmented MP4) to FILE, or - for stdout "
+                          "(`lipserve run ... --stream - | ffplay -`); --out is still written whole at the end")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 

@@ -333,6 +333,25 @@ def test_cli_run_with_own_audio_and_box(tmp_path):
     assert abs(media.probe(out.read_bytes()).duration - 1.2) < 0.1
 
 
+@pytest.mark.slow
+def test_cli_run_streams_the_answer_to_stdout_and_still_writes_the_whole_file(tmp_path):
+    """`lipserve run --stream -`: stdout is the fragmented MP4 as it was made (a pipe can play it),
+    the same bytes as the file written at --out; the summary goes to stderr, off the video."""
+    src, out = tmp_path / "me.mp4", tmp_path / "said.mp4"
+    src.write_bytes(testmedia.astronaut_clip(seconds=2.0, fps=25, size=(320, 240), audio="speechlike"))
+    speech = _write_wav(tmp_path / "speech.wav", 1.2)
+    env = {**os.environ, "LIPSERVE_WEIGHTS_DIR": str(tmp_path / "none"), "LIPSERVE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(_lipserve() + ["run", "--video", str(src), "--audio", str(speech), "--box", "90", "50", "230",
+                                         "200", "--out", str(out), "--synthetic-weights", "--stream", "-"],
+                          env=env, capture_output=True, timeout=600)
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.stdout == out.read_bytes()
+    assert proc.stdout[4:8] == b"ftyp" and b"moof" in proc.stdout  # fragmented, not a whole-file mp4
+    assert f"wrote {out}" in stderr and "first fragment after" in stderr
+    assert abs(media.probe(proc.stdout).duration - 1.2) < 0.1
+
+
 def test_cli_needs_text_or_audio(tmp_path):
     proc = subprocess.run(_lipserve() + ["run", "--video", str(tmp_path / "me.mp4"), "--out", str(tmp_path / "o.mp4")],
                           capture_output=True, text=True, timeout=120)
