@@ -13,11 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 from lipserve.cli import main
+from tests.fixtures.http_files import ThreadServer
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = "/api/v1/lip-video/stream"
@@ -37,7 +38,7 @@ def stream(pieces: list[bytes], *, cut_after: int | None = None,
     return {"status": 200, "pieces": pieces, "cut_after": cut_after, "after_piece": after_piece}
 
 
-class StreamRouteStandIn:
+class StreamRouteStandIn(ThreadServer):
     """Answers the n-th request with script[n] (the last repeats) and records each request."""
 
     def __init__(self, script: list[dict]):
@@ -86,17 +87,7 @@ class StreamRouteStandIn:
             def log_message(self, *args):  # keep the test output clean
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def call_args(url: str, *extra: str) -> list[str]:

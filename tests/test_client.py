@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -22,6 +21,7 @@ from lipserve.client import (
     retry_after_seconds,
 )
 from tests.fixtures.ray import free_port
+from tests.fixtures.http_files import ThreadServer
 
 RESULT = {"request_id": "r1", "output_video_gs": "gs://b/out.mp4", "duration_s": 1.5, "engines": {"tts": "piper"},
           "step_times": {"total": 2.0}, "synthetic_weights": True}
@@ -33,7 +33,7 @@ def error(status: int, code: str, retry_after: str | None = None) -> tuple:
     return status, {"error": {"code": code, "message": f"{code} message", "request_id": "rid"}}, headers
 
 
-class ScriptedServer:
+class ScriptedServer(ThreadServer):
     """Answers each request with the next scripted (status, body, headers); the last one repeats."""
 
     def __init__(self, script: list[tuple]):
@@ -61,17 +61,7 @@ class ScriptedServer:
             def log_message(self, *args):  # keep the test output clean
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def client_for(server, waits: list, **policy) -> LipserveClient:

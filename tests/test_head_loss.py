@@ -11,7 +11,6 @@ control run without Redis shows what is lost.
 """
 from __future__ import annotations
 
-import copy
 import shutil
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from devtools.local_ray import _parent_death_signal, alive, pick_ports
-from tests.fixtures.cluster import Graph, graph_env, suite_config
+from tests.fixtures.cluster import Graph, graph_env, suite_config, with_lipsync_face_mode
 from tests.fixtures.ray import free_port
 from tests.fixtures.serve import AUTH, MEASURED, REQUEST_TIMEOUT_S
 
@@ -140,9 +139,7 @@ def test_the_head_lost_with_gcs_fault_tolerance_loses_nothing(tmp_path_factory, 
         if job.status_code == 404:
             assert job.json()["error"]["code"] == "job_not_found"
 
-        config = copy.deepcopy(graph.config)
-        lipsync = next(d for d in config["applications"][0]["deployments"] if d["name"] == "LipSyncer")
-        lipsync["user_config"] = {**lipsync.get("user_config", {}), "settings": {"face_mode": "static"}}
+        config = with_lipsync_face_mode(graph.config, "static")
         redeploy_at = time.monotonic()
         graph.apply(config)
         graph.wait_running()

@@ -12,7 +12,6 @@ sets (a refusal is quick, never the whole request timeout).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import copy
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.cluster import NODE_RESOURCE, Graph, graph_env, multi_node_config, stage_error
+from tests.fixtures.cluster import (NODE_RESOURCE, Graph, fault_during_lipsync, graph_env, multi_node_config,
+                                    stage_error, with_lipsync_face_mode)
 from tests.fixtures.ray import free_port
 from tests.fixtures.serve import MEASURED
 
@@ -73,13 +73,9 @@ def test_a_worker_node_lost_mid_request(graph):
     node = node_hosting(graph, lipsync["replica_pid"])
     assert node is not None and node.name == "node2", "LipSyncer is not on the worker node"
 
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(graph.post, "out/node-lost.mp4", "The node goes away while this is being made.")
-        graph.wait_in_lipsync()
-        killed_at = time.monotonic()
-        node.kill()
-        r, _ = pending.result()
-    answered_s = time.monotonic() - killed_at
+    r, answered_s = fault_during_lipsync(graph, "out/node-lost.mp4", "The node goes away while this is being made.",
+                                         node.kill)
+    killed_at = time.monotonic() - answered_s
     err = stage_error(r, 503, "stage_unavailable")
     assert err["stage"] == "LipSyncer", err
     assert answered_s < LOST_NODE_ANSWER_S, answered_s
@@ -127,13 +123,8 @@ def test_a_worker_node_that_stops_answering_mid_request(graph):
     lipsync = graph.models()["lipsync"]
     node = node_hosting(graph, lipsync["replica_pid"])
     assert node is not None
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(graph.post, "out/node-frozen.mp4", "The node stops answering while this is made.")
-        graph.wait_in_lipsync()
-        frozen_at = time.monotonic()
-        node.freeze()
-        r, _ = pending.result()
-    answered_s = time.monotonic() - frozen_at
+    r, answered_s = fault_during_lipsync(graph, "out/node-frozen.mp4", "The node stops answering while this is made.",
+                                         node.freeze)
     answered = r.status_code
     assert answered in (503, 504), r.text
     err = stage_error(r, answered, "stage_unavailable" if answered == 503 else "timeout")
@@ -260,9 +251,7 @@ def test_the_gcs_frozen_for_20_s_keeps_answering_and_a_redeploy_applies_after(gr
                 break
             time.sleep(1)
 
-    config = copy.deepcopy(graph.config)
-    lipsync = next(d for d in config["applications"][0]["deployments"] if d["name"] == "LipSyncer")
-    lipsync["user_config"] = {**lipsync.get("user_config", {}), "settings": {"face_mode": "static"}}
+    config = with_lipsync_face_mode(graph.config, "static")
     redeploy_at = time.monotonic()
     graph.apply(config)
     graph.wait_running()

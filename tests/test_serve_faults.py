@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import copy
 import json
 import os
+import re
 import signal
 import time
 
@@ -261,6 +262,44 @@ def test_a_stage_replica_killed_mid_request(served, deployment, step):
     assert answered_s < 60, f"the caller waited {answered_s:.1f} s after the replica died"
     assert not _exists(served, out)
     _recover(served, killed_at, deployment, pid, f"{deployment} killed mid-{step}", f"out/after-kill-{deployment}.mp4")
+
+
+def _request_failures(served, code: str) -> float:
+    """lipserve_stage_failures{stage="request", code=...} summed over the ingress replicas, as exported."""
+    text = httpx.get(served["metrics_url"], timeout=10).text
+    pattern = r'^ray_lipserve_stage_failures_total\{([^}]*)\} (\S+)'
+    return sum(float(value) for labels, value in re.findall(pattern, text, re.M)
+               if 'stage="request"' in labels and f'code="{code}"' in labels)
+
+
+def test_a_streamed_answer_cut_off_after_its_first_byte_is_incomplete_counted_and_writes_nothing(served):
+    """The LipSyncer replica killed once the first fragment has reached the caller: the body ends
+    without its final chunk (the client sees an incomplete transfer, not a clean end), the failure
+    is counted with its code, and nothing is written."""
+    out = "out/stream-cut.mp4"
+    before = _request_failures(served, "stage_unavailable")
+    body = _body(served, out, word="This stream is cut off part way through.")
+    received, pid, killed_at = 0, None, None
+    with pytest.raises(httpx.RemoteProtocolError):  # "peer closed connection without sending complete message body"
+        with httpx.stream("POST", f"http://127.0.0.1:{served['port']}/api/v1/lip-video/stream", json=body,
+                          headers=AUTH, timeout=CLIENT_TIMEOUT_S) as r:
+            assert r.status_code == 200, r.read()
+            for chunk in r.iter_raw():
+                received += len(chunk)
+                if pid is None and b"moof" in chunk:  # a fragment is out: the answer has started playing
+                    pid = _stage_state("LipSyncer")["replica_pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
+    assert pid is not None, "no fragment arrived before the end"
+    cut_s = time.monotonic() - killed_at
+    assert not _exists(served, out)
+    deadline = time.monotonic() + 30
+    while _request_failures(served, "stage_unavailable") <= before:  # Ray flushes metrics each second
+        assert time.monotonic() < deadline, "the cut-off stream was not counted"
+        time.sleep(1)
+    MEASURED["stream cut after its first byte"] = (f"{received} bytes received; the body ended incomplete "
+                                                  f"{cut_s:.1f} s after the LipSyncer kill")
+    _recover(served, killed_at, "LipSyncer", pid, "LipSyncer killed mid-stream", "out/after-stream-cut.mp4")
 
 
 def test_the_ingress_replica_killed_between_requests(served):

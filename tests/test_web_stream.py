@@ -5,9 +5,8 @@ the served graph: tests/test_serve.py."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -15,6 +14,7 @@ from devtools import testmedia
 from lipserve import media, web
 from lipserve.media.fragments import stream_mp4
 from tests.fixtures.browser import chromium, wait_for
+from tests.fixtures.http_files import ThreadServer
 
 pytestmark = pytest.mark.slow  # a browser per test
 
@@ -35,7 +35,7 @@ def codecs_of(data: bytes) -> str:
     return f'video/mp4; codecs="avc1.{data[at + 1:at + 4].hex()}, mp4a.40.2"'
 
 
-class PageStandIn:
+class PageStandIn(ThreadServer):
     """GET / (the page), the JSON routes it reads, and POST /api/v1/lip-video/stream answered with
     `answer`: ("stream", pieces), ("cut", pieces, after) or ("refuse", status, code)."""
 
@@ -95,17 +95,7 @@ class PageStandIn:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, "/")
 
 
 def run_page(stand_in: PageStandIn, seed: str = "") -> tuple:
