@@ -28,6 +28,8 @@ Retries (`RetryPolicy`), chosen so that retrying is never what makes a request g
   what jobs are for).
 * The budget: at most `max_attempts` attempts and at most `budget_s` seconds of waiting in all;
   when the next wait would pass either, the last error is raised.
+* A streamed answer (`stream_lip_video`) follows the same rules until its status line; once its
+  body has begun nothing is sent again, and a body that ends early raises `IncompleteAnswer`.
 """
 from __future__ import annotations
 
