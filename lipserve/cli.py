@@ -67,6 +67,8 @@ def cmd_run(args) -> int:
     if not args.text and not args.audio:
         print("error: give --text (what to say) or --audio (a recording to say it with)", file=sys.stderr)
         return 2
+    if not stream_arguments_fit(args):
+        return 2
     options = {"overwrite": args.overwrite, "tts_engine": args.engine}
     if args.face_mode:
         options["face_mode"] = args.face_mode
@@ -100,7 +102,7 @@ def cmd_run(args) -> int:
     print(f"models loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     if args.stream:
         # the answer as it is made (fragmented MP4), beside the whole file the pipeline writes at --out
-        with atomic_output(args.stream) as sink:
+        with atomic_output(args.output_file) as sink:
             def on_piece(piece: bytes) -> None:
                 sink.write(piece)
                 sink.flush()
@@ -110,7 +112,7 @@ def cmd_run(args) -> int:
     else:
         response = pipeline.run(request, progress=progress)
     # with the video on stdout, the summary goes to stderr
-    summary = sys.stderr if args.stream == "-" else sys.stdout
+    summary = sys.stderr if args.stream and args.output_file == "-" else sys.stdout
 
     if response.synthetic_weights:
         print("\n" + "!" * 78 + "\n!! SYNTHETIC WEIGHTS: the models ran without their checkpoints."
@@ -120,7 +122,7 @@ def cmd_run(args) -> int:
         print(json.dumps(response.model_dump(), indent=2), file=summary)
     else:
         print(f"wrote {response.output_video_gs} ({response.duration_s:.2f}s)"
-              + (f"; streamed to {'stdout' if args.stream == '-' else args.stream}" if args.stream else ""),
+              + (f"; streamed to {'stdout' if args.output_file == '-' else args.output_file}" if args.stream else ""),
               file=summary)
         print("engines: " + ", ".join(f"{k}={v}" for k, v in response.engines.items()), file=summary)
         print("step times: " + ", ".join(f"{k}={v:.2f}s" for k, v in response.step_times.items()), file=summary)
@@ -143,16 +145,23 @@ def default_output(video: str) -> str:
     return f"results/{Path(video).stem}-said-{tag}.mp4"
 
 
+def stream_arguments_fit(args, refused: tuple[str, ...] = ()) -> bool:
+    """--stream and -o go together (run and call alike); say why not on stderr."""
+    if args.stream and (not args.output_file or any(getattr(args, name) for name in refused)):
+        taken = f", and takes no {' or '.join('--' + n for n in refused)} (its answer is the video itself)" if refused else ""
+        print(f"error: --stream needs -o FILE (or -o - for stdout){taken}", file=sys.stderr)
+        return False
+    if args.output_file and not args.stream:
+        print("error: -o is where --stream writes the video as it is made; --out gets the whole answer",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_call(args) -> int:
     from .client import IncompleteAnswer, LipserveHTTPError
 
-    if args.stream and (args.job or args.json or not args.output_file):
-        print("error: --stream needs -o FILE (or -o - for stdout), and takes neither --job nor --json "
-              "(its answer is the video itself)", file=sys.stderr)
-        return 2
-    if args.output_file and not args.stream:
-        print("error: -o is where --stream writes the video; without --stream the server writes --out",
-              file=sys.stderr)
+    if not stream_arguments_fit(args, refused=("job", "json")):
         return 2
     try:
         return call_server(args)
@@ -280,9 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None,
                      help="make the random draws (TTS noise, voice prior) reproducible: same seed, same video")
     run.add_argument("--json", action="store_true", help="print the full response as JSON")
-    run.add_argument("--stream", metavar="FILE", default=None,
-                     help="also write the answer as it is made (fragmented MP4) to FILE, or - for stdout "
-                          "(`lipserve run ... --stream - | ffplay -`); --out is still written whole at the end")
+    run.add_argument("--stream", action="store_true",
+                     help="also write the answer as it is made (fragmented MP4) to -o "
+                          "(`lipserve run ... --stream -o - | ffplay -`); --out is still written whole at the end")
+    run.add_argument("-o", "--output-file", default=None, metavar="FILE",
+                     help="with --stream: a local file for the video as it is made (replaced only by a complete "
+                          "answer), or - for stdout")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
 

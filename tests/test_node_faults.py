@@ -12,6 +12,7 @@ sets (a refusal is quick, never the whole request timeout).
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections import Counter
 import signal
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_a_node_drained_for_preemption_under_steady_traffic_fails_no_request(gra
         i = 0
         while not stop[0]:
             r, _ = graph.post(f"out/drain-{i}.mp4", "Steady traffic during a drain.")
-            answers.append(r.status_code if r.status_code == 200 else (r.status_code, r.text[:300]))
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            answers.append(200 if r.status_code == 200 else
+                           (r.status_code, r.json()["error"]["code"] if is_json else r.text[:100]))
             i += 1
 
     with cf.ThreadPoolExecutor(1) as pool:
@@ -194,9 +197,11 @@ def test_a_node_drained_for_preemption_under_steady_traffic_fails_no_request(gra
         running.result()
     after = graph.models()["lipsync"]
     failed = [a for a in answers if a != 200]
+    codes = Counter(f"{status} {code}" for status, code in failed)
     MEASURED["node drained (preemption)"] = (
-        f"{len(answers)} requests, {len(failed)} failed; the new replica answered {moved_s:.1f} s after "
-        f"`ray drain-node`" if moved_s is not None else f"{len(answers)} requests, the replica never moved")
+        f"{len(answers)} requests, {len(failed)} failed {dict(codes)}; the new replica answered "
+        f"{moved_s:.1f} s after `ray drain-node`" if moved_s is not None
+        else f"{len(answers)} requests, the replica never moved")
     assert moved_s is not None, "the replica did not move off the drained node"
     assert node_hosting(graph, after["replica_pid"]) is not node
     assert not failed, failed

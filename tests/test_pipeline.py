@@ -342,7 +342,7 @@ def test_cli_run_streams_the_answer_to_stdout_and_still_writes_the_whole_file(tm
     speech = _write_wav(tmp_path / "speech.wav", 1.2)
     env = {**os.environ, "LIPSERVE_WEIGHTS_DIR": str(tmp_path / "none"), "LIPSERVE_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(_lipserve() + ["run", "--video", str(src), "--audio", str(speech), "--box", "90", "50", "230",
-                                         "200", "--out", str(out), "--synthetic-weights", "--stream", "-"],
+                                         "200", "--out", str(out), "--synthetic-weights", "--stream", "-o", "-"],
                           env=env, capture_output=True, timeout=600)
     stderr = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, stderr[-3000:]
