@@ -21,6 +21,7 @@ log = logging.getLogger("lipserve.ingress")
 POLL_PERIOD_S = 1.0
 STALE_AFTER_S = 10.0  # an answer older than this says nothing (the controller is not answering)
 ASK_TIMEOUT_S = 5.0
+RECHECK_AFTER_S = 0.25  # a refusal asks again first unless the answer is this fresh (a replica may just be back)
 
 
 def running_replicas(app_name: str) -> dict[str, int]:
@@ -42,6 +43,7 @@ class StageAvailability:
         self.running: dict[str, int] = {}
         self.seen_at: float | None = None  # when the controller last answered
         self._task: asyncio.Task | None = None
+        self._asking: asyncio.Task | None = None  # the ask in flight, shared by whoever waits for one
 
     def start(self) -> None:
         """Start polling (idempotent; needs the replica's running event loop)."""
@@ -60,9 +62,15 @@ class StageAvailability:
             return
         self.running, self.seen_at = running, self.clock()
 
+    async def _ask_once(self) -> None:
+        """Refresh, sharing an ask already in flight (a burst of refusals asks the controller once)."""
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.get_running_loop().create_task(self.refresh())
+        await asyncio.shield(self._asking)
+
     async def _poll(self) -> None:
         while True:
-            await self.refresh()
+            await self._ask_once()
             await asyncio.sleep(POLL_PERIOD_S)
 
     def missing(self) -> list[str]:
@@ -71,8 +79,15 @@ class StageAvailability:
             return []
         return [name for name in self.deployments if self.running.get(name, 0) == 0]
 
-    def check(self) -> None:
-        missing = self.missing()
+    async def confirmed_missing(self) -> list[str]:
+        """missing(), asked again first when it names a stage and the answer is not just in: the
+        poll's answer may be up to a period old, and a replica just back must not be refused."""
+        if self.missing() and self.clock() - self.seen_at > RECHECK_AFTER_S:
+            await self._ask_once()
+        return self.missing()
+
+    async def check(self) -> None:
+        missing = await self.confirmed_missing()
         if missing:
             stage = missing[0]
             raise StageUnavailable(f"no {stage} replica is running (its node was lost, or its replacement is "

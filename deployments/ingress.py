@@ -183,14 +183,14 @@ class Ingress:
         return await stream_answer(run, request_id, refuse=lambda exc: self.refuse(exc, request_id),
                                    failed=lambda exc: self.failure(exc, request_id), answered=self.observe)
 
-    def stages_ready(self) -> None:
+    async def stages_ready(self) -> None:
         """Refuse at once (503 naming the stage) while a stage has no replica to run the request."""
         self.availability.start()
-        self.availability.check()
+        await self.availability.check()
 
     async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None, send=None):
         if admission is None:  # a job was checked when it was accepted
-            self.stages_ready()
+            await self.stages_ready()
         async with (admission if admission is not None else self.gate.reserve()), \
                 self.in_flight.request() as track:
             await self.stages.load_info()
@@ -218,7 +218,7 @@ class Ingress:
         an existing output, a full queue) is refused here with the route's error body."""
         request_id = request_id_of(request)
         try:
-            self.stages_ready()
+            await self.stages_ready()
             await self.stages.load_info()
             await asyncio.to_thread(preflight, lip_request, self.settings, self.storage, self.stages.languages())
             admission = self.gate.reserve()
@@ -307,7 +307,7 @@ class Ingress:
     @app.get("/health")
     async def health(self, request: Request):
         self.availability.start()
-        stages = await self.stages.report("describe", tuple(self.availability.missing()))
+        stages = await self.stages.report("describe", tuple(await self.availability.confirmed_missing()))
         return stage_status(stages, all(s.get("up") and s.get("model_loaded") for s in stages.values()))
 
     @app.post("/api/v1/preload-models")
@@ -318,6 +318,6 @@ class Ingress:
     @app.get("/api/v1/models")
     async def models(self, request: Request):
         self.availability.start()
-        stages = await self.stages.report("describe", tuple(self.availability.missing()))
+        stages = await self.stages.report("describe", tuple(await self.availability.confirmed_missing()))
         synthetic = any(s.get("synthetic") for s in stages.values())
         return JSONResponse({"stages": stages, "synthetic_weights": synthetic})

@@ -388,12 +388,15 @@ def test_the_readme_names_the_settings_sections_each_deployment_reads():
 
 def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_controller_refuses_nothing():
     """The ingress's view of the controller: a fresh answer that LipSyncer has no running replica
-    refuses with 503 naming it; no answer yet, a failing or an old answer refuses nothing."""
+    refuses with 503 naming it; no answer yet, a failing or an old answer refuses nothing; an answer
+    that is not just in is asked again before a refusal (the replica may be back)."""
     now = [100.0]
     answers = [{"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 0}]
+    asked = []
 
     def ask(app_name):
         assert app_name == "lipserve"
+        asked.append(now[0])
         answer = answers[0]
         if isinstance(answer, Exception):
             raise answer
@@ -401,20 +404,30 @@ def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_contr
 
     seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
                              clock=lambda: now[0])
-    seen.check()  # never answered: nothing is known, nothing refused
-    asyncio.run(seen.refresh())
-    assert seen.missing() == ["LipSyncer"]
-    with pytest.raises(StageUnavailable) as refused:
-        seen.check()
-    assert refused.value.stage == "LipSyncer" and refused.value.status == 503 and refused.value.retry_after > 0
-    answers[0] = RuntimeError("controller restarting")
-    asyncio.run(seen.refresh())  # a failed ask keeps the last answer until it goes stale
-    assert seen.missing() == ["LipSyncer"]
-    now[0] += STALE_AFTER_S + 1
-    assert seen.missing() == [] and seen.check() is None
-    answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 2}
-    asyncio.run(seen.refresh())
-    assert seen.missing() == []
+
+    async def scenario():
+        await seen.check()  # never answered: nothing is known, nothing refused, nothing asked
+        assert asked == []
+        await seen.refresh()
+        assert seen.missing() == ["LipSyncer"]
+        with pytest.raises(StageUnavailable) as refused:
+            await seen.check()  # the answer is just in: refused without asking again
+        assert refused.value.stage == "LipSyncer" and refused.value.status == 503 and refused.value.retry_after > 0
+        assert len(asked) == 1
+        now[0] += 0.5
+        answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 1}
+        await seen.check()  # half a second old: asked again, and the replica is back
+        assert len(asked) == 2 and seen.missing() == []
+        answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 0}
+        await seen.refresh()
+        now[0] += 1
+        answers[0] = RuntimeError("controller restarting")
+        with pytest.raises(StageUnavailable):  # a failed ask keeps the last answer until it goes stale
+            await seen.check()
+        now[0] += STALE_AFTER_S + 1
+        assert seen.missing() == [] and await seen.check() is None
+
+    asyncio.run(scenario())
 
 
 def test_a_job_book_that_does_not_answer_is_a_503_naming_it_not_a_hang(monkeypatch):
