@@ -6,7 +6,10 @@ timeout. The ingress asks the controller once a second how many replicas of each
 RUNNING, and refuses a new request at once with 503 `stage_unavailable` naming the stage while one
 has none; /health says so without asking the stage. It refuses only on a fresh answer that a
 stage has none: when the controller does not answer (the GCS frozen, the head lost), it lets
-requests through, since the replicas that run may well answer them.
+requests through, since the replicas that run may well answer them. The poll only says which
+requests to look at twice: a refusal needs the controller's answer to an ask that began after the
+request came (shared by a burst of refusals). An older answer, even one just in, may predate the
+replacement replica, and a failed ask says nothing.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ log = logging.getLogger("lipserve.ingress")
 POLL_PERIOD_S = 1.0
 STALE_AFTER_S = 10.0  # an answer older than this says nothing (the controller is not answering)
 ASK_TIMEOUT_S = 5.0
-RECHECK_AFTER_S = 0.25  # a refusal asks again first unless the answer is this fresh (a replica may just be back)
 
 
 def running_replicas(app_name: str) -> dict[str, int]:
@@ -41,9 +43,10 @@ class StageAvailability:
     def __init__(self, app_name: str, deployments: tuple[str, ...], ask=running_replicas, clock=time.monotonic):
         self.app_name, self.deployments, self.ask, self.clock = app_name, deployments, ask, clock
         self.running: dict[str, int] = {}
-        self.seen_at: float | None = None  # when the controller last answered
+        self.seen_at: float | None = None  # when the last answered ask began (its snapshot is no older)
         self._task: asyncio.Task | None = None
         self._asking: asyncio.Task | None = None  # the ask in flight, shared by whoever waits for one
+        self._asking_since = 0.0  # when that ask began
 
     def start(self) -> None:
         """Start polling (idempotent; needs the replica's running event loop)."""
@@ -52,6 +55,7 @@ class StageAvailability:
 
     async def refresh(self) -> None:
         """Ask the controller once; a slow or failing answer leaves the last one to go stale."""
+        began = self.clock()
         try:
             running = await asyncio.wait_for(asyncio.to_thread(self.ask, self.app_name), ASK_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -60,11 +64,12 @@ class StageAvailability:
         except Exception as exc:  # the controller restarting or unreachable: logged, the answer goes stale
             log.warning("the Serve controller could not say which replicas run: %s", type(exc).__name__)
             return
-        self.running, self.seen_at = running, self.clock()
+        self.running, self.seen_at = running, began
 
     async def _ask_once(self) -> None:
         """Refresh, sharing an ask already in flight (a burst of refusals asks the controller once)."""
         if self._asking is None or self._asking.done():
+            self._asking_since = self.clock()
             self._asking = asyncio.get_running_loop().create_task(self.refresh())
         await asyncio.shield(self._asking)
 
@@ -80,10 +85,16 @@ class StageAvailability:
         return [name for name in self.deployments if self.running.get(name, 0) == 0]
 
     async def confirmed_missing(self) -> list[str]:
-        """missing(), asked again first when it names a stage and the answer is not just in: the
-        poll's answer may be up to a period old, and a replica just back must not be refused."""
-        if self.missing() and self.clock() - self.seen_at > RECHECK_AFTER_S:
-            await self._ask_once()
+        """missing(), as the controller says when asked after this call; none when it does not
+        answer. The poll's answer is older, and a replica just back must not be refused."""
+        if not self.missing():
+            return []
+        called_at = self.clock()
+        await self._ask_once()
+        if self.seen_at < called_at and self._asking_since < called_at:
+            await self._ask_once()  # the shared ask began before this call: its snapshot may predate the replica
+        if self.seen_at < called_at:
+            return []  # no answer from after this call: nothing is known, nothing refused
         return self.missing()
 
     async def check(self) -> None:

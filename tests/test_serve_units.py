@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections import Counter
 
 import pytest
@@ -387,9 +388,9 @@ def test_the_readme_names_the_settings_sections_each_deployment_reads():
 
 
 def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_controller_refuses_nothing():
-    """The ingress's view of the controller: a fresh answer that LipSyncer has no running replica
-    refuses with 503 naming it; no answer yet, a failing or an old answer refuses nothing; an answer
-    that is not just in is asked again before a refusal (the replica may be back)."""
+    """The ingress's view of the controller: LipSyncer without a running replica, as the controller
+    says when asked after the request came, is a 503 naming it; no answer yet, a failing or an old
+    answer refuses nothing; the poll's answer alone never refuses (the replica may be back)."""
     now = [100.0]
     answers = [{"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 0}]
     asked = []
@@ -411,21 +412,56 @@ def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_contr
         await seen.refresh()
         assert seen.missing() == ["LipSyncer"]
         with pytest.raises(StageUnavailable) as refused:
-            await seen.check()  # the answer is just in: refused without asking again
+            await seen.check()  # asked again (even an answer just in may predate a replica), still none
         assert refused.value.stage == "LipSyncer" and refused.value.status == 503 and refused.value.retry_after > 0
-        assert len(asked) == 1
+        assert len(asked) == 2
         now[0] += 0.5
         answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 1}
-        await seen.check()  # half a second old: asked again, and the replica is back
-        assert len(asked) == 2 and seen.missing() == []
+        assert seen.missing() == ["LipSyncer"]  # the poll's view still says none...
+        await seen.check()  # ...but the ask for this request finds the replica back
+        assert len(asked) == 3 and seen.missing() == []
         answers[0] = {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": 0}
         await seen.refresh()
         now[0] += 1
         answers[0] = RuntimeError("controller restarting")
-        with pytest.raises(StageUnavailable):  # a failed ask keeps the last answer until it goes stale
-            await seen.check()
+        await seen.check()  # the recheck failed: no answer from after the request, so no refusal
+        assert len(asked) == 5 and seen.missing() == ["LipSyncer"]  # the poll's view stays until stale
         now[0] += STALE_AFTER_S + 1
         assert seen.missing() == [] and await seen.check() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_is_not_taken_from_an_ask_that_began_before_the_request():
+    """An ask in flight (the poll's) may hold the controller's snapshot from before the replacement
+    replica ran; a refusal that shares it asks once more, and the newer answer wins."""
+    now = [100.0]
+    release = threading.Event()
+    asked = []
+
+    def ask(app_name):
+        lipsync = 0 if not asked else 1  # the first ask's snapshot predates the new replica
+        asked.append(now[0])
+        if len(asked) == 2:  # the poll's slow ask
+            release.wait(5)
+        return {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": lipsync if len(asked) != 2 else 0}
+
+    seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
+                             clock=lambda: now[0])
+
+    async def scenario():
+        await seen.refresh()
+        assert seen.missing() == ["LipSyncer"]
+        now[0] += 1
+        polling = asyncio.create_task(seen._ask_once())  # begins at 101 and hangs
+        await asyncio.sleep(0.05)
+        now[0] += 1  # the request comes at 102, while that ask is still out
+        checking = asyncio.create_task(seen.check())
+        await asyncio.sleep(0.05)
+        release.set()
+        await polling
+        await checking  # the 101 answer (none running) was not enough: the 102 ask says one runs
+        assert asked == [100.0, 101.0, 102.0] and seen.missing() == []
 
     asyncio.run(scenario())
 
