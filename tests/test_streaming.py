@@ -7,7 +7,7 @@ import pytest
 from devtools import testmedia
 from lipserve import media
 from lipserve.contract import LipVideoRequest, RequestOptions
-from lipserve.media.fragments import FRAGMENT_FRAMES, mp4_boxes, stream_mp4
+from lipserve.media.fragments import FIRST_FRAGMENT_FRAMES, FRAGMENT_FRAMES, mp4_boxes, stream_mp4
 from lipserve.pipeline import Pipeline
 from lipserve.settings import Settings
 
@@ -43,9 +43,11 @@ def test_a_stream_is_a_moov_then_fragments_handed_out_while_frames_still_come(mo
     boxes = mp4_boxes(data)
     assert boxes[:3] == ["ftyp", "moov", "moof"]
     assert boxes.count("moof") == boxes.count("mdat") >= len(moving_frames) // FRAGMENT_FRAMES
-    # the first fragment left when about one fragment's frames were in, not at the end
-    first_fragment = next(i for i, p in enumerate(pieces) if b"moof" in p)
-    assert consumed_at_piece[first_fragment] <= 2 * FRAGMENT_FRAMES < len(moving_frames)
+    # each fragment leaves as soon as the first frame of the next is in: the first after
+    # FIRST_FRAGMENT_FRAMES frames, then one every FRAGMENT_FRAMES (the last one at the end)
+    left_at = [consumed_at_piece[i] for i, p in enumerate(pieces) if b"moof" in p]
+    expected = list(range(FIRST_FRAGMENT_FRAMES + 1, len(moving_frames), FRAGMENT_FRAMES))
+    assert left_at[:-1] == expected and left_at[-1] == len(moving_frames)
 
     whole = media.encode_mp4(moving_frames, FPS, speech, 16000)
     streamed, plain = media.decode_frames(data), media.decode_frames(whole)
@@ -132,3 +134,38 @@ def test_a_stream_that_fails_after_its_first_piece_raises_and_writes_nothing(str
                      on_piece=pieces.append)
     assert len(pieces) == 2
     assert not (root / "out" / "x.mp4").exists() and not list(root.glob("out/.*"))
+
+
+def test_a_streams_first_wav2lip_batch_is_its_first_fragment_and_the_frame_that_closes_it():
+    """first_batch caps only the first batch; every output frame is the same as without it."""
+    import torch
+
+    from lipserve.lipsync.frame_loop import synced_frames
+
+    rng = np.random.default_rng(3)
+    n = 40
+    frames = rng.integers(0, 255, (n, 120, 160, 3), dtype=np.uint8)
+    boxes = np.tile(np.array([20, 10, 120, 110]), (n, 1))
+    present = np.ones(n, dtype=bool)
+    present[[7, 8]] = False  # frames without a face are not in any batch
+    mel = rng.standard_normal((80, 200)).astype(np.float32)
+    starts = np.arange(n) * 4
+
+    def run(first_batch):
+        sizes = []
+
+        def forward(windows, faces):
+            sizes.append(windows.shape[0])
+            return faces[:, :3] * 0.5 + windows.mean() * 0  # a deterministic stand-in for Wav2Lip
+
+        out = list(synced_frames(frames, boxes, boxes, present, np.arange(n), mel, starts, {}, forward=forward,
+                                 batch_size=lambda: 16, device=torch.device("cpu"), tensor_ops=False,
+                                 first_batch=first_batch))
+        return sizes, out
+
+    streamed_sizes, streamed = run(FIRST_FRAGMENT_FRAMES + 1)
+    whole_sizes, whole = run(None)
+    assert streamed_sizes == [FIRST_FRAGMENT_FRAMES + 1, 16, 16, 38 - 16 - 16 - FIRST_FRAGMENT_FRAMES - 1]
+    assert whole_sizes == [16, 16, 6]
+    assert len(streamed) == len(whole) == n and all(np.array_equal(a, b) for a, b in zip(streamed, whole))
+    assert np.array_equal(streamed[7], frames[7])  # passed through untouched

@@ -14,14 +14,15 @@ from . import blend
 def synced_frames(frames: np.ndarray, crop_boxes: np.ndarray, face_boxes: np.ndarray, present: np.ndarray,
                   source_of: np.ndarray, mel: np.ndarray, starts: np.ndarray, steps: dict, *,
                   forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: Callable[[], int],
-                  device: torch.device, tensor_ops: bool) -> Iterator[np.ndarray]:
+                  device: torch.device, tensor_ops: bool, first_batch: int | None = None) -> Iterator[np.ndarray]:
     """Yields output frames (RGB uint8) in order: the model runs one batch of face frames at a
     time; frames without a face are yielded exactly as decoded (the same array, not a copy).
 
     Output frame i shows source frame source_of[i]; `crop_boxes` / `face_boxes` per source frame in
     `frames`' pixels; mel windows start at `starts[i]`. `forward(mel windows, faces) -> mouths`;
-    `tensor_ops`: crop and blend with torch on `device`, else with cv2 (blend.py). Adds seconds to
-    steps['model'] and steps['paste'].
+    `tensor_ops`: crop and blend with torch on `device`, else with cv2 (blend.py). `first_batch`:
+    the first batch holds at most this many face frames (a streamed answer's first fragment
+    leaves sooner). Adds seconds to steps['model'] and steps['paste'].
     """
     steps.setdefault("model", 0.0)
     steps.setdefault("paste", 0.0)
@@ -29,9 +30,11 @@ def synced_frames(frames: np.ndarray, crop_boxes: np.ndarray, face_boxes: np.nda
     mel_t = torch.from_numpy(np.ascontiguousarray(mel))
     with_face = [i for i in range(len(source_of)) if present[source_of[i]]]
     next_out = 0
-    for lo in range(0, len(with_face), per_batch):
+    first = min(first_batch or per_batch, per_batch)
+    bounds = [0, *range(first, len(with_face), per_batch), len(with_face)] if with_face else []
+    for lo, hi in zip(bounds, bounds[1:]):
         t = time.perf_counter()
-        outputs = with_face[lo:lo + per_batch]
+        outputs = with_face[lo:hi]
         idx = [int(source_of[i]) for i in outputs]
         regions = [frames[s, y1:y2, x1:x2] for s, (x1, y1, x2, y2) in ((s, crop_boxes[s]) for s in idx)]
         # the detected face inside each crop: the blend feathers in the margin outside it

@@ -31,7 +31,7 @@ from ..cache import LRUCache
 from ..errors import InvalidAudio, InvalidMedia, NoFaceFound
 from ..gpu import BatchBudget
 from ..media import SourceVideo, as_source
-from ..media.fragments import stream_mp4
+from ..media.fragments import FIRST_FRAGMENT_FRAMES, stream_mp4
 from ..runtime import ModelRuntime, OnRuntime
 from ..settings import Settings
 from ..weights.resolve import load_concurrently
@@ -223,12 +223,12 @@ class LipSyncer(OnRuntime):
 
     def render(self, video: SourceVideo | bytes, audio: np.ndarray, sample_rate: int, options: LipSyncOptions,
                plan: FacePlan | None = None, timings: dict | None = None, *,
-               use_cache: bool = True) -> tuple[Rendering, np.ndarray]:
+               use_cache: bool = True, first_batch: int | None = None) -> tuple[Rendering, np.ndarray]:
         """The answer's frames, not yet encoded, and the speech's mel as the model sees it.
 
         Output frame i shows source frame source_of[i] (ping-pong) with the mouth redrawn to the
         speech, or exactly as decoded where that source frame has no face. `use_cache=False` neither
-        reads nor fills the face cache (the warm-up).
+        reads nor fills the face cache (the warm-up); `first_batch` caps the first Wav2Lip batch.
         """
         timings = timings if timings is not None else {}
         options = self.resolve(options)
@@ -267,7 +267,8 @@ class LipSyncer(OnRuntime):
         source_of = pingpong_indices(n_out, n_src)
         present = np.asarray(plan.present[:n_src], dtype=bool)
         rendering = Rendering(
-            frames=self._synced_frames(frames, crop_boxes, face_boxes, present, source_of, mel, starts, timings),
+            frames=self._synced_frames(frames, crop_boxes, face_boxes, present, source_of, mel, starts, timings,
+                                       first_batch),
             source=frames, source_of=source_of, passed_through=~present[source_of], info=info, plan=plan,
             detected_frames=detected, cache_hit=plan.cached, decoded_frames=int(stats.get("decoded", n_src)),
         )
@@ -292,7 +293,10 @@ class LipSyncer(OnRuntime):
                 use_cache: bool, streamed: bool) -> Iterator[bytes | SyncResult]:
         t_start = time.perf_counter()
         timings = {k: 0.0 for k in ("decode", "detect", "mel", "model", "paste", "encode")}
-        rendering, _ = self.render(video, audio, sample_rate, options, plan, timings, use_cache=use_cache)
+        # a stream's first batch makes just the first fragment's frames and the one that closes it
+        first_batch = FIRST_FRAGMENT_FRAMES + 1 if streamed else None
+        rendering, _ = self.render(video, audio, sample_rate, options, plan, timings, use_cache=use_cache,
+                                   first_batch=first_batch)
         info = rendering.info
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         frames = self._pulled(rendering.frames, t_start, timings)
@@ -345,11 +349,12 @@ class LipSyncer(OnRuntime):
     # ------------------------------------------------------------------ the loop
 
     def _synced_frames(self, frames: np.ndarray, crop_boxes: np.ndarray, face_boxes: np.ndarray, present: np.ndarray,
-                       source_of: np.ndarray, mel: np.ndarray, starts: np.ndarray, steps: dict) -> Iterator[np.ndarray]:
+                       source_of: np.ndarray, mel: np.ndarray, starts: np.ndarray, steps: dict,
+                       first_batch: int | None = None) -> Iterator[np.ndarray]:
         """frame_loop.synced_frames through this stage's shared Wav2Lip forward, batch size and device."""
         return synced_frames(frames, crop_boxes, face_boxes, present, source_of, mel, starts, steps,
                              forward=self.wav2lip, batch_size=self.batch_size, device=self.device,
-                             tensor_ops=self.tensor_ops)
+                             tensor_ops=self.tensor_ops, first_batch=first_batch)
 
     def _forward(self, windows: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         """One Wav2Lip forward (B,1,80,16 mel windows + B,6,96,96 faces -> B,3,96,96) in the precision

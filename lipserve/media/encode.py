@@ -109,15 +109,18 @@ class Mp4Tracks:
     up to the end of that frame; `time_base` is the video's clock (1/fps unless given; a finer
     one keeps irregular frame times). `video` is the video stream, for tags set before writing.
     `x264`: more libx264 options (a streamed answer's keyframe interval and latency tuning).
+    `audio_lead_s`: audio is sent this far past each frame, so the muxer, which interleaves by
+    time, never holds a video packet back waiting for the AAC encoder's delayed output (a
+    streamed answer's fragment then leaves as soon as its frames are in).
     """
 
     def __init__(self, container, width: int, height: int, fps: float, audio: np.ndarray | None,
                  sample_rate: int, *, crf: int = 23, colour: Colour | None = None,
-                 time_base: Fraction | None = None, x264: dict[str, str] | None = None):
+                 time_base: Fraction | None = None, x264: dict[str, str] | None = None, audio_lead_s: float = 0.0):
         if fps <= 0:
             raise ValueError("fps must be positive")
         rate = Fraction(fps).limit_denominator(1001)
-        self.container, self.fps, self.frames = container, fps, 0
+        self.container, self.fps, self.frames, self.audio_lead_s = container, fps, 0, audio_lead_s
         self.time_base = time_base or 1 / rate
         self.video = container.add_stream("libx264", rate=rate)
         self.video.height, self.video.width = height + height % 2, width + width % 2
@@ -137,7 +140,8 @@ class Mp4Tracks:
             self.sound.layout = "mono"
             self.sound.bit_rate = AUDIO_BIT_RATE
 
-    def write(self, image: np.ndarray, t: float) -> None:
+    def write(self, image: np.ndarray, t: float, keyframe: bool = False) -> None:
+        """The frame at t seconds (`keyframe`: force an IDR frame here), and the audio to its end."""
         image = _even(np.asarray(image))
         if image.shape[:2] != (self.video.height, self.video.width):
             got, want = f"{image.shape[1]}x{image.shape[0]}", f"{self.video.width}x{self.video.height}"
@@ -145,10 +149,12 @@ class Mp4Tracks:
         frame = to_yuv420(image, self.colour)
         frame.pts = int(round(t / self.time_base))
         frame.time_base = self.time_base
+        if keyframe:
+            frame.pict_type = av.video.frame.PictureType.I  # with forced-idr, an IDR frame a fragment can start at
         self._mux(self.video.encode(frame))
         self.frames += 1
         if self.sound is not None:
-            self._send_audio(t + 1.0 / self.fps)
+            self._send_audio(t + 1.0 / self.fps + self.audio_lead_s)
 
     def finish(self) -> None:
         """Flush both encoders: the frames still in the video encoder, the rest of the audio."""

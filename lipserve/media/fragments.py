@@ -7,9 +7,12 @@ audio is written beside each frame as in a whole answer, and every fragment carr
 of its frames.
 
 Why the encoder settings differ from a whole answer: a fragment can only be cut at a keyframe,
-so one comes every FRAGMENT_FRAMES frames; and x264's `zerolatency` tuning (no B-frames, no
-look-ahead) gives each frame's packet as soon as the frame is in, so a fragment is ready when its
-last frame is. The picture differs from a whole answer's only by codec noise (tests bound it).
+so the first comes after FIRST_FRAGMENT_FRAMES frames (the answer starts playing after a few
+frames are made, not a whole fragment's worth) and then one every FRAGMENT_FRAMES, at fixed
+places (no scene-cut keyframes); x264's `zerolatency` tuning (no B-frames, no look-ahead) gives
+each frame's packet as soon as the frame is in, and the audio goes a little ahead of the frames
+(Mp4Tracks' audio_lead_s), so a fragment leaves when the first frame of the next one is added.
+The picture differs from a whole answer's only by codec noise (tests bound it).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from .colour import Colour
 from .encode import Mp4Tracks, _even
 
 FRAGMENT_FRAMES = 12  # about half a second at 25 fps: a keyframe, and a fragment, every 12 frames
+FIRST_FRAGMENT_FRAMES = 4  # the first fragment: 0.16 s at 25 fps, so playback starts after 5 frames are made
+AUDIO_LEAD_S = 0.25  # past the AAC encoder's delay (about 2 frames of 1024 samples and its priming)
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 
 
@@ -62,12 +67,15 @@ class FragmentedMp4:
                                   options={"movflags": MOVFLAGS, "avoid_negative_ts": "make_non_negative"})
         self._tracks = Mp4Tracks(self._container, width, height, fps, audio, sample_rate, crf=crf, colour=colour,
                                  x264={"g": str(fragment_frames), "keyint_min": str(fragment_frames),
-                                       "tune": "zerolatency"})
+                                       "sc_threshold": "0", "forced-idr": "1", "tune": "zerolatency"},
+                                 audio_lead_s=AUDIO_LEAD_S)
         self.fps, self.frames = fps, 0
+        # x264 counts its keyframe interval from the forced one: keyframes at 0, first, first + fragment, ...
+        self.first_fragment_frames = min(FIRST_FRAGMENT_FRAMES, fragment_frames)
 
     def add(self, image: np.ndarray) -> bytes:
         """Encode one RGB frame; the bytes the muxer wrote meanwhile (often none)."""
-        self._tracks.write(image, self.frames / self.fps)
+        self._tracks.write(image, self.frames / self.fps, keyframe=self.frames == self.first_fragment_frames)
         self.frames += 1
         return self._sink.take()
 
