@@ -17,6 +17,7 @@ import torch
 
 from devtools import testmedia
 from lipserve import media
+from lipserve.media.fragments import FIRST_FRAGMENT_FRAMES
 from lipserve.pipeline import Pipeline
 from lipserve.settings import Settings
 from lipserve.voice import reference as reference_module
@@ -91,6 +92,9 @@ def test_warm_up_runs_every_request_path_and_leaves_the_caches_alone(unwarmed_pi
     # Wav2Lip at both shapes every request uses: a full batch and a partial one
     sizes = set(calls.batches["Wav2Lip"])
     assert lipsync.batch_size() in sizes and any(0 < s < lipsync.batch_size() for s in sizes), sizes
+    # and a streamed answer's first batch, a shape of its own
+    assert f"stream.{FIRST_FRAGMENT_FRAMES + 1}_frames" in report["lipsync"]
+    assert FIRST_FRAGMENT_FRAMES + 1 in sizes, sizes
 
     # nothing a request could later hit, nor any cache statistic, came from the warm-up
     assert tts.cache.stats()["size"] == 0 and tts.cache.stats()["misses"] == 0

@@ -168,7 +168,8 @@ class LipSyncer(OnRuntime):
         detector's first runs at both working sizes); the warm-up clip holds no face, so each ends
         in NoFaceFound, the right answer for it. Then `sync` with a given box on speech long enough
         for one full Wav2Lip batch and a partial one (every request runs both shapes), which also
-        decodes, computes the mel windows, pastes and encodes. Returns seconds per path."""
+        decodes, computes the mel windows, pastes and encodes; then a streamed answer just long
+        enough for its first batch. Returns seconds per path."""
         from ..warmup import WarmupReport, warmup_inputs
 
         inputs = inputs or warmup_inputs(seconds or self.settings.runtime.warmup_seconds)
@@ -191,6 +192,13 @@ class LipSyncer(OnRuntime):
         with report.path(f"sync.{n_out}_frames_batch_{batch}"):
             result = self.sync(inputs.video, audio, inputs.sample_rate, options, use_cache=False)
         report.update({f"sync.{step}": round(seconds, 4) for step, seconds in result.timings.items()})
+        # a streamed answer's first batch is a shape of its own, and its fragments a muxer of their own
+        n_stream = FIRST_FRAGMENT_FRAMES + 1
+        with report.path(f"stream.{n_stream}_frames"):
+            audio = audio[:int(n_stream / inputs.fps * inputs.sample_rate)]
+            for _ in self._answer(inputs.video, audio, inputs.sample_rate, options, None, use_cache=False,
+                                  streamed=True):
+                pass
         self.warm_up_report = dict(report)
         return self.warm_up_report
 
