@@ -68,37 +68,86 @@ def relative_max_abs(fast: list[torch.Tensor], reference: list[torch.Tensor]) ->
 
 def _graph(module: nn.Module, examples: tuple[torch.Tensor, ...], name: str, threads: int, cache_dir: Path | None,
            shape_cache_entries: int | None = 0):
-    """The compiled graph. Its shape cache is off unless the caller's shapes are few and fixed (Wav2Lip's
-    batch sizes): speech lengths and frame sizes change per request, and cached kernels for them only grow."""
+    """The compiled graph. Its shape cache is off unless the caller's shapes are few (Wav2Lip's batch
+    sizes, the speech ladder's rungs): frame sizes change per source, and cached kernels for them only grow."""
     from .openvino_graph import CompiledGraph
 
     return CompiledGraph(module, examples, name=name, threads=threads, cache_dir=cache_dir,
                          shape_cache_entries=shape_cache_entries)
 
 
-class FastWavLM:
-    """WavLM's extract_features as an OpenVINO graph (the eager module keeps the geometry and chunking)."""
+# The CPU plugin prepares its kernels for each new input shape, which costs about as much as the
+# run itself (converting 1.75 s of speech: 0.76-1.17 s at a new length, 0.46-0.49 s at a known one),
+# and every request's speech has a new length. So speech is padded up to the next length of a
+# ladder, the padding masked so that the real part comes out as unpadded (WavLM: n_frames; the
+# synthesizer: c_lengths, its decoder too), and each graph sees few shapes, whose kernels it keeps.
+# The ladder: steps of 0.2 s, each rung at most 20 % above the last (LADDER_GROWTH): 26 rungs up to
+# WavLM's longest window (30 s), 20 for speech up to 10 s; the padding is at most max(0.2 s, 20 %).
+SPEECH_STEP_SAMPLES = 3200  # 0.2 s at 16 kHz
+CONTENT_STEP_FRAMES = SPEECH_STEP_SAMPLES // 320  # the same 0.2 s in WavLM / content frames
+LADDER_GROWTH = 1.2
+# kernels each graph keeps: enough for every rung (the plugin's default, 5000, is not)
+LADDER_SHAPE_CACHE = 20000
 
-    backend = "openvino"
 
-    def __init__(self, model: nn.Module, threads: int, cache_dir: Path | None):
-        example = torch.zeros(1, 16000)  # 1 s; the converted graph keeps batch and length dynamic
-        self.graph = _graph(model, (example,), "wavlm", threads, cache_dir)
+def bucketed(n: int, step: int) -> int:
+    """n rounded up to the next rung of the ladder: rungs are multiples of `step` (0.2 s), each
+    the larger of one step and LADDER_GROWTH above the one before."""
+    rung = step
+    while rung < n:
+        rung = max(rung + step, int(rung * LADDER_GROWTH) // step * step)
+    return rung
 
-    def extract_features(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav [B, T] 16 kHz -> [B, frames, C] float32 (CPU)."""
-        return torch.from_numpy(self.graph(wav)[0])
 
-
-class _SynthesizerNoiseless(nn.Module):
-    """infer with the prior's noise off: (c, g) -> waveform."""
+class _WavLMPadded(nn.Module):
+    """extract_features of a padded waveform with its real frame count as an input."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return self.net.infer(c, g=g, noise_scale=0.0)
+    def forward(self, wav: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(wav, n_frames=n_frames.to(torch.int64))
+
+
+class FastWavLM:
+    """WavLM's extract_features as an OpenVINO graph (the eager module keeps the geometry and chunking).
+
+    The waveform is padded up the length ladder (`bucketed`) with the padding masked (exact for
+    WavLM-Large's per-frame extractor norm; a group-norm extractor takes the length as it is).
+    """
+
+    backend = "openvino"
+
+    def __init__(self, model: nn.Module, threads: int, cache_dir: Path | None):
+        self.model = model
+        self.pads = getattr(getattr(model, "cfg", None), "extractor_mode", None) == "layer_norm"
+        example = torch.zeros(1, 16000)  # 1 s; the converted graph keeps batch and length dynamic
+        if self.pads:
+            self.graph = _graph(_WavLMPadded(model).eval(), (example, torch.tensor([49.0])), "wavlm-padded",
+                                threads, cache_dir, shape_cache_entries=LADDER_SHAPE_CACHE)
+        else:
+            self.graph = _graph(model, (example,), "wavlm", threads, cache_dir)
+
+    def extract_features(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, T] 16 kHz -> [B, frames, C] float32 (CPU)."""
+        if not self.pads:
+            return torch.from_numpy(self.graph(wav)[0])
+        frames = self.model.feature_extractor.n_frames(wav.shape[-1])
+        padded = torch.nn.functional.pad(wav, (0, bucketed(wav.shape[-1], SPEECH_STEP_SAMPLES) - wav.shape[-1]))
+        n_frames = torch.full((wav.shape[0],), float(frames))
+        return torch.from_numpy(self.graph(padded, n_frames)[0][:, :frames])
+
+
+class _SynthesizerNoiseless(nn.Module):
+    """infer with the prior's noise off: (c padded, g, real frames) -> waveform."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, c: torch.Tensor, g: torch.Tensor, c_lengths: torch.Tensor) -> torch.Tensor:
+        return self.net.infer(c, g=g, c_lengths=c_lengths.to(torch.int64), noise_scale=0.0)
 
 
 class _SynthesizerWithNoise(nn.Module):
@@ -108,15 +157,17 @@ class _SynthesizerWithNoise(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, c: torch.Tensor, g: torch.Tensor, scaled_noise: torch.Tensor) -> torch.Tensor:
-        return self.net.infer(c, g=g, noise_scale=1.0, noise=scaled_noise)
+    def forward(self, c: torch.Tensor, g: torch.Tensor, scaled_noise: torch.Tensor,
+                c_lengths: torch.Tensor) -> torch.Tensor:
+        return self.net.infer(c, g=g, c_lengths=c_lengths.to(torch.int64), noise_scale=1.0, noise=scaled_noise)
 
 
 class FastSynthesizer:
     """SynthesizerTrn.infer as two OpenVINO graphs: noise off, and noise drawn here and passed in.
 
     The noise is drawn with torch exactly as the eager Encoder draws it (same shape, dtype and
-    generator), so a seeded request gives the same noise on either path.
+    generator), so a seeded request gives the same noise on either path. The content is padded up
+    the length ladder with the padding masked (c_lengths, the decoder too), the output cut back.
     """
 
     backend = "openvino"
@@ -124,19 +175,29 @@ class FastSynthesizer:
     def __init__(self, net: nn.Module, threads: int, cache_dir: Path | None):
         self.net = net
         self.inter_channels = net.cfg.inter_channels
+        self.hop = int(np.prod(net.cfg.upsample_rates))
         c = torch.zeros(1, net.cfg.ssl_dim, 50)
         g = torch.zeros(1, net.cfg.gin_channels)
         noise = torch.zeros(1, self.inter_channels, 50)
-        self.noiseless = _graph(_SynthesizerNoiseless(net).eval(), (c, g), f"{net.cfg.name}-noiseless", threads, cache_dir)
-        self.noisy = _graph(_SynthesizerWithNoise(net).eval(), (c, g, noise), f"{net.cfg.name}-noisy", threads, cache_dir)
+        lengths = torch.tensor([40.0])
+        self.noiseless = _graph(_SynthesizerNoiseless(net).eval(), (c, g, lengths), f"{net.cfg.name}-noiseless-padded",
+                                threads, cache_dir, shape_cache_entries=LADDER_SHAPE_CACHE)
+        self.noisy = _graph(_SynthesizerWithNoise(net).eval(), (c, g, noise, lengths), f"{net.cfg.name}-noisy-padded",
+                            threads, cache_dir, shape_cache_entries=LADDER_SHAPE_CACHE)
 
     def infer(self, c: torch.Tensor, g: torch.Tensor, noise_scale: float = 1.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """c [B, ssl_dim, frames], g [B, gin] -> waveform [B, 1, samples] (CPU float32)."""
+        frames = c.shape[-1]
+        pad = bucketed(frames, CONTENT_STEP_FRAMES) - frames
+        padded = torch.nn.functional.pad(c, (0, pad))
+        lengths = torch.full((c.shape[0],), float(frames))
         if not noise_scale:
-            return torch.from_numpy(self.noiseless(c, g)[0])
-        noise = torch.randn((c.shape[0], self.inter_channels, c.shape[-1]), generator=generator, dtype=torch.float32)
-        return torch.from_numpy(self.noisy(c, g, noise * noise_scale)[0])
+            out = self.noiseless(padded, g, lengths)[0]
+        else:
+            noise = torch.randn((c.shape[0], self.inter_channels, frames), generator=generator, dtype=torch.float32)
+            out = self.noisy(padded, g, torch.nn.functional.pad(noise * noise_scale, (0, pad)), lengths)[0]
+        return torch.from_numpy(out[..., :frames * self.hop])
 
 
 class FastWav2Lip:

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger("lipserve.fast")
 
 # bump when the traced wrappers change in a way that changes the graph
-GRAPH_FORMAT = 1
+GRAPH_FORMAT = 2  # 2: WavLM and the synthesizer take their real lengths (padded inputs)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -187,6 +187,10 @@ class ResidualCouplingBlock(nn.Module):
         return x
 
 
+def _masked(x: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+    return x if x_mask is None else x * x_mask
+
+
 class ResBlock1(nn.Module):
     """HiFi-GAN residual block type 1: three (dilated conv, plain conv) pairs, each with a skip."""
 
@@ -197,10 +201,10 @@ class ResBlock1(nn.Module):
         self.convs2 = nn.ModuleList(
             WNConv1d(channels, channels, kernel_size, dilation=1, padding=(kernel_size - 1) // 2) for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None = None) -> torch.Tensor:
         for c1, c2 in zip(self.convs1, self.convs2):
-            xt = c1(F.leaky_relu(x, LRELU_SLOPE))
-            xt = c2(F.leaky_relu(xt, LRELU_SLOPE))
+            xt = c1(_masked(F.leaky_relu(x, LRELU_SLOPE), x_mask))
+            xt = c2(_masked(F.leaky_relu(xt, LRELU_SLOPE), x_mask))
             x = x + xt
         return x
 
@@ -213,9 +217,9 @@ class ResBlock2(nn.Module):
         self.convs = nn.ModuleList(
             WNConv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2) for d in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor | None = None) -> torch.Tensor:
         for conv in self.convs:
-            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+            x = x + conv(_masked(F.leaky_relu(x, LRELU_SLOPE), x_mask))
         return x
 
 
@@ -225,6 +229,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: FreeVCConfig):
         super().__init__()
         self.num_kernels = len(cfg.resblock_kernel_sizes)
+        self.upsample_rates = tuple(cfg.upsample_rates)
         ch0 = cfg.upsample_initial_channel
         self.conv_pre = nn.Conv1d(cfg.inter_channels, ch0, 7, 1, padding=3)
         self.ups = nn.ModuleList(
@@ -240,16 +245,22 @@ class Generator(nn.Module):
         if cfg.gin_channels:
             self.cond = nn.Conv1d(cfg.gin_channels, ch0, 1)
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None,
+                x_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, inter, frames] -> [B, 1, frames * hop]. `x_mask` [B, 1, frames] (1 on real frames, 0 on
+        padding after them, x already 0 there): every conv's input is zeroed past the real part, as
+        its own zero padding is at an unpadded input's end, so the real samples come out as without
+        the padding. Upstream runs without a mask (a padded batch's tail then differs)."""
         x = self.conv_pre(x)
         if g is not None:
             x = x + self.cond(g)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+        for i, (up, rate) in enumerate(zip(self.ups, self.upsample_rates)):
+            x = up(_masked(F.leaky_relu(x, LRELU_SLOPE), x_mask))
+            x_mask = None if x_mask is None else x_mask.repeat_interleave(rate, dim=-1)
             # multi-receptive-field fusion: average the parallel residual blocks
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as upstream HiFi-GAN has it
+            x = sum(block(x, x_mask) for block in blocks) / self.num_kernels
+        x = self.conv_post(_masked(F.leaky_relu(x), x_mask))  # default slope 0.01 here, as upstream HiFi-GAN has it
         return torch.tanh(x)
 
 
@@ -310,13 +321,17 @@ class SynthesizerTrn(nn.Module):
     def infer_steps(self, c: torch.Tensor, g: torch.Tensor | None = None, mel: torch.Tensor | None = None,
                     c_lengths: torch.Tensor | None = None, noise_scale: float = 1.0,
                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """`infer` plus its intermediates: z_p, m_p, logs_p (prior), z (after the reverse flow), out."""
+        """`infer` plus its intermediates: z_p, m_p, logs_p (prior), z (after the reverse flow), out.
+
+        With `c_lengths` the decoder masks past each item's length too (upstream's does not), so a
+        padded item's first c_lengths * hop samples are what it gives unpadded."""
+        padded = c_lengths is not None
         if c_lengths is None:
             c_lengths = torch.full((c.size(0),), c.size(-1), device=c.device)
         g = self.speaker_vector(g, mel).unsqueeze(-1)
         z_p, m_p, logs_p, c_mask = self.enc_p(c, c_lengths, noise_scale=noise_scale, generator=generator, noise=noise)
         z = self.flow(z_p, c_mask, g=g, reverse=True)
-        out = self.dec(z * c_mask, g=g)
+        out = self.dec(z * c_mask, g=g, x_mask=c_mask if padded else None)
         return {"z_p": z_p, "m_p": m_p, "logs_p": logs_p, "z": z, "out": out}
 
     def infer(self, c: torch.Tensor, g: torch.Tensor | None = None, mel: torch.Tensor | None = None,

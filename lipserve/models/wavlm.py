@@ -289,7 +289,9 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
 
-    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None,
+                key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`key_bias` [B, 1, 1, T]: added to every query's scores (-inf keeps a padding frame out)."""
         B, T, C = x.shape
         if position_bias is None and self.relative_attention_bias is not None:
             position_bias = self.position_bias(T)
@@ -304,6 +306,8 @@ class SelfAttention(nn.Module):
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(x))
         v = self.split_heads(self.v_proj(x))
+        if key_bias is not None:
+            attn_bias = key_bias if attn_bias is None else attn_bias + key_bias
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)  # under autocast q is fp16/bf16 while the bias table is fp32
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
@@ -332,13 +336,14 @@ class TransformerLayer(nn.Module):
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))
 
-    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None,
+                key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.layer_norm_first:
-            attn, position_bias = self.self_attn(self.self_attn_layer_norm(x), position_bias)
+            attn, position_bias = self.self_attn(self.self_attn_layer_norm(x), position_bias, key_bias)
             x = x + attn
             x = x + self.feed_forward(self.final_layer_norm(x))
         else:
-            attn, position_bias = self.self_attn(x, position_bias)
+            attn, position_bias = self.self_attn(x, position_bias, key_bias)
             x = self.self_attn_layer_norm(x + attn)
             x = self.final_layer_norm(x + self.feed_forward(x))
         return x, position_bias
@@ -357,14 +362,25 @@ class TransformerEncoder(nn.Module):
             for i in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, layer_outputs: list | None = None) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; appends each layer's output (before the final norm) to layer_outputs."""
+    def forward(self, x: torch.Tensor, layer_outputs: list | None = None,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; appends each layer's output (before the final norm) to layer_outputs.
+
+        `padding` [B, T] bool, True past each item's real frames: those frames are zeroed before
+        the positional conv (so it sees what a conv's own zero padding shows at an unpadded input's
+        end) and no frame attends to them, so the real frames come out as without the padding.
+        """
+        key_bias = None
+        if padding is not None:
+            x = x.masked_fill(padding[..., None], 0.0)
+            key_bias = torch.zeros(padding.shape, dtype=x.dtype, device=x.device).masked_fill(padding, float("-inf"))
+            key_bias = key_bias[:, None, None, :]
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         position_bias = None  # made by layer 0, shared by every later layer
         for layer in self.layers:
-            x, position_bias = layer(x, position_bias)
+            x, position_bias = layer(x, position_bias, key_bias)
             if layer_outputs is not None:
                 layer_outputs.append(x)
         if self.layer_norm_first:
@@ -401,11 +417,16 @@ class WavLM(nn.Module):
             size = (size - 1) * stride + kernel
         return size
 
-    def extract_features(self, wav: torch.Tensor, *, return_layers: bool = False):
+    def extract_features(self, wav: torch.Tensor, *, return_layers: bool = False,
+                         n_frames: torch.Tensor | None = None):
         """wav [B, T] (raw 16 kHz waveform, not normalised, as FreeVC calls it) -> [B, frames, C].
 
         The last layer's output after encoder.layer_norm. With return_layers=True, returns
         (features, {'conv_features': [B, 512, frames], 'layer_outputs': [each layer's [B, frames, C]]}).
+        `n_frames` [B] (int): each item's real frames, when the waveform was padded after them
+        (feature_extractor.n_frames of its real samples); frames past them are padding, which the
+        real frames do not see (an exact pad needs a per-frame extractor norm: extractor_mode
+        "layer_norm", as WavLM-Large has). The padding frames' own output is meaningless.
         """
         if wav.dim() != 2:
             raise ValueError(f"expected a waveform batch [B, T], got shape {tuple(wav.shape)}")
@@ -416,13 +437,16 @@ class WavLM(nn.Module):
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
         layer_outputs = [] if return_layers else None
-        x = self.encoder(x, layer_outputs)
+        padding = None
+        if n_frames is not None:
+            padding = torch.arange(x.shape[1], device=x.device)[None, :] >= n_frames.to(x.device)[:, None]
+        x = self.encoder(x, layer_outputs, padding)
         if return_layers:
             return x, {"conv_features": conv_features, "layer_outputs": layer_outputs}
         return x
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.extract_features(wav)
+    def forward(self, wav: torch.Tensor, n_frames: torch.Tensor | None = None) -> torch.Tensor:
+        return self.extract_features(wav, n_frames=n_frames)
 
     def extract_features_chunked(self, wav: torch.Tensor, *, chunk_frames: int = 1000,
                                  context_frames: int = 250, extract=None) -> torch.Tensor:
