@@ -2,8 +2,8 @@
 
 While no node can host a stage (its node lost, its replacement not placed yet), Serve's handle
 keeps a call to it queued until a replica appears: a request would hang for the whole request
-timeout. The ingress asks the controller once a second how many replicas of each stage are
-RUNNING, and refuses a new request at once with 503 `stage_unavailable` naming the stage while one
+timeout. The ingress asks the controller once a second how many replicas of each stage can take
+a call (SERVING_STATES), and refuses a new request at once with 503 `stage_unavailable` naming the stage while one
 has none; /health says so without asking the stage. It refuses only on a fresh answer that a
 stage has none: when the controller does not answer (the GCS frozen, the head lost), it lets
 requests through, since the replicas that run may well answer them. The poll only says which
@@ -24,16 +24,20 @@ log = logging.getLogger("lipserve.ingress")
 POLL_PERIOD_S = 1.0
 STALE_AFTER_S = 10.0  # an answer older than this says nothing (the controller is not answering)
 ASK_TIMEOUT_S = 5.0
+# the replica states Serve's router sends calls to (a replica Serve keeps on a draining node until
+# its replacement runs is PENDING_MIGRATION)
+SERVING_STATES = ("RUNNING", "PENDING_MIGRATION")
 
 
 def running_replicas(app_name: str) -> dict[str, int]:
-    """Deployment -> RUNNING replicas of `app_name`, from the controller (a blocking call)."""
+    """Deployment -> replicas of `app_name` that take calls, from the controller (a blocking call)."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     if app is None:
         return {}
-    return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+    return {name: sum(int(d.replica_states.get(state, 0)) for state in SERVING_STATES)
+            for name, d in app.deployments.items()}
 
 
 class StageAvailability:

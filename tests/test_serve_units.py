@@ -10,7 +10,7 @@ import pytest
 
 from deployments import errors, ingress
 from deployments.admission import AdmissionGate
-from deployments.availability import STALE_AFTER_S, StageAvailability
+from deployments.availability import STALE_AFTER_S, StageAvailability, running_replicas
 from lipserve.contract import EXAMPLE_REQUEST
 from lipserve.errors import NoFaceFound, Overloaded, StageUnavailable, Timeout
 from lipserve.pipeline import gather_or_cancel, with_timeout
@@ -482,3 +482,23 @@ def test_a_job_book_that_does_not_answer_is_a_503_naming_it_not_a_hang(monkeypat
         return {"status": "done"}
 
     assert asyncio.run(jobs.JobRunner.ask_book("get", answer())) == {"status": "done"}
+
+
+def test_a_replica_on_a_draining_node_still_counts_as_running(monkeypatch):
+    """Serve routes calls to RUNNING and PENDING_MIGRATION replicas (a replica it keeps on a draining
+    node until its replacement runs): both count, a STARTING or STOPPING one does not."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    def deployment(**states):
+        return SimpleNamespace(replica_states=states)
+
+    status = SimpleNamespace(applications={"lipserve": SimpleNamespace(deployments={
+        "LipSyncer": deployment(PENDING_MIGRATION=1, STARTING=1),
+        "VoiceConverter": deployment(RUNNING=1),
+        "SpeechSynthesizer": deployment(STARTING=1, STOPPING=1),
+    })})
+    monkeypatch.setattr(serve, "status", lambda: status)
+    assert running_replicas("lipserve") == {"LipSyncer": 1, "VoiceConverter": 1, "SpeechSynthesizer": 0}
+    assert running_replicas("another-app") == {}
