@@ -183,10 +183,12 @@ class Ingress:
         return await stream_answer(run, request_id, refuse=lambda exc: self.refuse(exc, request_id),
                                    failed=lambda exc: self.failure(exc, request_id), answered=self.observe)
 
-    async def stages_ready(self) -> None:
-        """Refuse at once (503 naming the stage) while a stage has no replica to run the request."""
+    async def stages_ready(self, wait: bool = True) -> None:
+        """Refuse (503 naming the stage) while a stage has no replica to run the request: at once
+        when no live node can host one; a replacement that is starting is waited for (up to
+        replacement_wait_s), or with `wait=False` (a job) let through to Serve's queue."""
         self.availability.start()
-        await self.availability.check()
+        await self.availability.check(self.settings.serving.replacement_wait_s if wait else 0.0)
 
     async def _run(self, lip_request, request_id, admission: Admission | None = None, progress=None, send=None):
         if admission is None:  # a job was checked when it was accepted
@@ -218,7 +220,7 @@ class Ingress:
         an existing output, a full queue) is refused here with the route's error body."""
         request_id = request_id_of(request)
         try:
-            await self.stages_ready()
+            await self.stages_ready(wait=False)  # answered at once; the job's call waits in Serve's queue
             await self.stages.load_info()
             await asyncio.to_thread(preflight, lip_request, self.settings, self.storage, self.stages.languages())
             admission = self.gate.reserve()

@@ -172,6 +172,7 @@ class ServingSettings(Section):
     auth_token: str | None = Field(None, description="When set, every route but /health and the static pages (/, /docs, /redoc, /openapi.json) needs `Authorization: Bearer <token>`.")
     max_body_bytes: int = Field(64 * 1024, description="Largest HTTP request body accepted, in bytes; a larger one is refused (413) before it is read.")
     request_timeout_s: float = Field(120.0, description="Whole-request timeout at the ingress (a job's work too).")
+    replacement_wait_s: float = Field(60.0, ge=0, description="How long a request waits for a stage's replacement replica that is starting on a node that can host it (a drained node's stage) before it is refused with 503 `stage_unavailable`; 0 refuses at once. A stage no live node can host is refused at once.")
     job_retention_s: float = Field(3600.0, description="How long a finished job's result (or error) stays readable at GET /api/v1/jobs/{id}.")
     job_lost_after_s: float = Field(30.0, description="A queued or running job whose ingress replica has not reported for this long is failed with `job_interrupted`.")
 

@@ -156,26 +156,27 @@ def test_a_worker_node_that_stops_answering_mid_request(graph):
     assert not left, f"{len(left)} processes of the frozen node still run {gone_s:.0f} s after SIGCONT"
 
 
-def test_a_node_drained_for_preemption_under_steady_traffic_moves_the_stage_and_refuses_only_by_name(graph):
+def test_a_node_drained_for_preemption_under_steady_traffic_moves_the_stage_with_zero_failures(graph):
     """Two nodes can host LipSyncer; `ray drain-node` (reason preemption, 60 s deadline) of the one
     that runs it while requests keep coming. Ray Serve 2.60 does not keep the old replica until the
     replacement runs: 1.6 s after the drain its states were STOPPING 1 + STARTING 1, then STARTING 1
-    alone until the new replica ran ~10 s after the drain. Requests in that gap get lipserve's quick
-    503 `stage_unavailable` naming LipSyncer (Retry-After; nothing written); the replica moves to the
-    other node and the requests after the move answer 200. (Issue 24 asked for zero failures here:
-    not met, see docs/SERVING.md.)"""
+    alone until the new replica ran ~10 s after the drain. A request in that gap waits for the
+    replacement (it is starting, and a live node can host it: deployments/availability.py) instead
+    of being refused, so every request answers 200 and the replica moves to the other node."""
     graph.cluster.add_node("node4", num_gpus=1, resources={NODE_RESOURCE: 1})
     before = graph.models()["lipsync"]
     node = node_hosting(graph, before["replica_pid"])
     assert node is not None
     answers: list[int] = []
     first_failure: list = []
+    took: list[float] = []
     stop = [False]
 
     def traffic() -> None:
         i = 0
         while not stop[0]:
-            r, _ = graph.post(f"out/drain-{i}.mp4", "Steady traffic during a drain.")
+            r, seconds = graph.post(f"out/drain-{i}.mp4", "Steady traffic during a drain.")
+            took.append(seconds)
             is_json = r.headers.get("content-type", "").startswith("application/json")
             answers.append(200 if r.status_code == 200 else
                            (r.status_code, r.json()["error"]["code"] if is_json else r.text[:100]))
@@ -210,14 +211,13 @@ def test_a_node_drained_for_preemption_under_steady_traffic_moves_the_stage_and_
     codes = Counter(f"{status} {code}" for status, code in failed)
     MEASURED["node drained (preemption)"] = (
         f"{len(answers)} requests, {len(failed)} failed {dict(codes)} (first: {first_failure[:1]}); "
-        f"the new replica answered {moved_s:.1f} s after `ray drain-node`" if moved_s is not None
+        f"the new replica answered {moved_s:.1f} s after `ray drain-node`; the longest request took "
+        f"{max(took):.1f} s, the median {sorted(took)[len(took) // 2]:.1f} s" if moved_s is not None
         else f"{len(answers)} requests, the replica never moved")
     assert moved_s is not None, "the replica did not move off the drained node"
     assert node_hosting(graph, after["replica_pid"]) is not node
-    assert all(a == (503, "stage_unavailable") for a in failed), failed  # named JSON refusals only
-    assert all(f.get("stage") == "LipSyncer" for f in first_failure), first_failure
-    # the one in flight when the move was seen may still be refused; the two after it are not
-    assert answers[served_before + 1:served_before + 3] == [200, 200], answers[served_before:]
+    assert failed == [], (failed, first_failure)
+    assert len(answers) >= served_before + 3, answers  # and the new replica went on answering
 
 
 def test_the_gcs_frozen_for_20_s_keeps_answering_and_a_redeploy_applies_after(graph):

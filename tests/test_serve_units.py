@@ -10,7 +10,7 @@ import pytest
 
 from deployments import errors, ingress
 from deployments.admission import AdmissionGate
-from deployments.availability import STALE_AFTER_S, StageAvailability, running_replicas
+from deployments.availability import STALE_AFTER_S, StageAvailability, StageReplicas, can_host, stage_replicas
 from lipserve.contract import EXAMPLE_REQUEST
 from lipserve.errors import NoFaceFound, Overloaded, StageUnavailable, Timeout
 from lipserve.pipeline import gather_or_cancel, with_timeout
@@ -401,7 +401,7 @@ def test_a_stage_without_a_running_replica_is_refused_at_once_but_a_silent_contr
         answer = answers[0]
         if isinstance(answer, Exception):
             raise answer
-        return answer
+        return {name: StageReplicas(serving) for name, serving in answer.items()}
 
     seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
                              clock=lambda: now[0])
@@ -444,7 +444,8 @@ def test_a_refusal_is_not_taken_from_an_ask_that_began_before_the_request():
         asked.append(now[0])
         if len(asked) == 2:  # the poll's slow ask
             release.wait(5)
-        return {"SpeechSynthesizer": 1, "VoiceConverter": 1, "LipSyncer": lipsync if len(asked) != 2 else 0}
+        return {"SpeechSynthesizer": StageReplicas(1), "VoiceConverter": StageReplicas(1),
+                "LipSyncer": StageReplicas(lipsync if len(asked) != 2 else 0)}
 
     seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
                              clock=lambda: now[0])
@@ -484,21 +485,89 @@ def test_a_job_book_that_does_not_answer_is_a_503_naming_it_not_a_hang(monkeypat
     assert asyncio.run(jobs.JobRunner.ask_book("get", answer())) == {"status": "done"}
 
 
-def test_a_replica_on_a_draining_node_still_counts_as_running(monkeypatch):
+def test_a_replica_on_a_draining_node_still_counts_and_a_replacement_is_coming_only_where_a_node_can_host_it(monkeypatch):
     """Serve routes calls to RUNNING and PENDING_MIGRATION replicas (a replica it keeps on a draining
-    node until its replacement runs): both count, a STARTING or STOPPING one does not."""
+    node until its replacement runs): both count, a STARTING or STOPPING one does not. A stage with
+    none serving and one STARTING has its replacement coming only when a live node, not draining,
+    has in total what its ray_actor_options ask for."""
     from types import SimpleNamespace
 
-    from ray import serve
+    from ray.serve import context
 
-    def deployment(**states):
-        return SimpleNamespace(replica_states=states)
+    def deployment(states, **actor_options):
+        return {"replicas": [{"state": state} for state in states],
+                "deployment_config": {"ray_actor_options": actor_options}}
 
-    status = SimpleNamespace(applications={"lipserve": SimpleNamespace(deployments={
-        "LipSyncer": deployment(PENDING_MIGRATION=1, STARTING=1),
-        "VoiceConverter": deployment(RUNNING=1),
-        "SpeechSynthesizer": deployment(STARTING=1, STOPPING=1),
-    })})
-    monkeypatch.setattr(serve, "status", lambda: status)
-    assert running_replicas("lipserve") == {"LipSyncer": 1, "VoiceConverter": 1, "SpeechSynthesizer": 0}
-    assert running_replicas("another-app") == {}
+    details = {"applications": {"lipserve": {"deployments": {
+        "LipSyncer": deployment(["PENDING_MIGRATION", "STARTING"], num_cpus=0, num_gpus=1),
+        "VoiceConverter": deployment(["RUNNING"]),
+        "SpeechSynthesizer": deployment(["STARTING", "STOPPING"], num_cpus=1, resources={"lipsync_node": 1}),
+    }}}}
+    monkeypatch.setattr(context, "_get_global_client",
+                        lambda raise_if_no_controller_running: SimpleNamespace(get_serve_details=lambda: details))
+    head = {"NodeID": "head", "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}}
+    worker = {"NodeID": "w1", "Alive": True, "Resources": {"GPU": 1.0, "lipsync_node": 1.0, "CPU": 1.0}}
+    asked_nodes = []
+
+    def nodes(*rows, draining=()):
+        def ask():
+            asked_nodes.append(1)
+            return list(rows), set(draining)
+        return ask
+
+    assert stage_replicas("lipserve", nodes(head, worker)) == {
+        "LipSyncer": StageReplicas(1), "VoiceConverter": StageReplicas(1),
+        "SpeechSynthesizer": StageReplicas(0, replacement_coming=True)}
+    assert len(asked_nodes) == 1  # only for the stage with none serving and one starting
+    assert stage_replicas("lipserve", nodes(head))["SpeechSynthesizer"] == StageReplicas(0)  # lost node
+    assert stage_replicas("lipserve", nodes(head, {**worker, "Alive": False}))["SpeechSynthesizer"] == StageReplicas(0)
+    assert stage_replicas("lipserve", nodes(head, worker, draining={"w1"}))["SpeechSynthesizer"] == StageReplicas(0)
+    assert stage_replicas("another-app", nodes(head)) == {}
+    assert can_host({"num_cpus": 0, "num_gpus": 0.5}, [head], set())
+    assert not can_host({"num_cpus": 4}, [head], set())
+    assert not can_host({"memory": 1}, [head], set())  # asks for memory the node does not report
+
+
+def test_a_request_waits_for_a_replacement_that_is_coming_and_is_refused_when_it_does_not_come(monkeypatch):
+    """LipSyncer has none serving and its replacement starts on a node that can host it: a request
+    waits and goes on once it runs; when it does not run within the wait it is a 503 naming the
+    stage; a stage no node can host is refused at once; a job (wait 0) is let through."""
+    from deployments import availability
+
+    monkeypatch.setattr(availability, "HOLD_POLL_S", 0.01)
+    now = [100.0]
+    script = []  # the LipSyncer answers, in order; the last repeats
+
+    def ask(app_name):
+        now[0] += 1.0  # each ask takes a second of the clock
+        lipsync = script.pop(0) if len(script) > 1 else script[0]
+        return {"SpeechSynthesizer": StageReplicas(1), "VoiceConverter": StageReplicas(1), "LipSyncer": lipsync}
+
+    seen = StageAvailability("lipserve", ("SpeechSynthesizer", "VoiceConverter", "LipSyncer"), ask=ask,
+                             clock=lambda: now[0])
+    coming, running, lost = StageReplicas(0, True), StageReplicas(1), StageReplicas(0)
+
+    async def scenario():
+        script[:] = [coming, coming, coming, coming, running]
+        await seen.refresh()
+        await seen.check(wait_s=30)  # waited while it started, through once it runs
+        assert seen.missing() == [] and script == [running]
+        script[:] = [coming]
+        await seen.refresh()
+        started = now[0]
+        with pytest.raises(StageUnavailable) as refused:
+            await seen.check(wait_s=5)
+        assert refused.value.stage == "LipSyncer" and "replacement_wait_s" in str(refused.value)
+        assert 5 <= now[0] - started <= 8
+        await seen.check(wait_s=0)  # a job: let through to Serve's queue
+        script[:] = [lost]
+        await seen.refresh()
+        started = now[0]
+        with pytest.raises(StageUnavailable) as refused:
+            await seen.check(wait_s=30)
+        assert refused.value.stage == "LipSyncer" and "no live node" in str(refused.value)
+        assert now[0] - started <= 2  # at once: the one ask for this request
+        with pytest.raises(StageUnavailable):
+            await seen.check(wait_s=0)
+
+    asyncio.run(scenario())
