@@ -163,7 +163,7 @@ def main() -> None:
               f"decode+detect {front(old['timings']) / max(1e-6, front(timings[mode])):6.1f}x")
 
     still = testmedia.astronaut_clip(seconds=10.0, fps=25, size=(640, 360), audio="speechlike", motion=False)
-    print(f"\nstill head, same source size: auto (the default) against static, interleaved, cold face cache")
+    print("\nstill head, same source size: auto (the default) against static, interleaved, cold face cache")
     print(f"{'seconds':<22}" + "  ".join(f"{k:>7}" for k in STEPS) + "    total     fps  decod  detec")
     best_still: dict[str, tuple] = {}
     for _ in range(args.repeats):

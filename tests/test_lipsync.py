@@ -10,8 +10,7 @@ import torch
 
 from devtools import testmedia
 from lipserve import media
-from lipserve.errors import (InputTooLarge, InvalidField, NoFaceFound, ResolutionTooLarge, VideoTooLong,
-                             WeightsMissing)
+from lipserve.errors import InvalidField, NoFaceFound, WeightsMissing
 from lipserve.lipsync import FacePlan, LipSyncer, LipSyncOptions, SyncResult
 from lipserve.lipsync.blend import crops_to_model_input
 from lipserve.lipsync.faces import box_iou

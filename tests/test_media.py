@@ -69,6 +69,28 @@ def test_decoding_n_frames_of_a_long_clip_decodes_about_n(astronaut_10s):
         assert mean_abs_diff(frames[i], testmedia.render_frame(i / 25)) < 4.0
 
 
+def test_frames_on_demand_are_decode_frames_decoded_only_as_far_as_asked(astronaut_10s):
+    """The first 120 frames of a 250-frame clip: indexing decodes in order up to the frame asked
+    for, no further, and every form of index gives decode_frames' pixels (with the transform)."""
+    eager = media.decode_frames(astronaut_10s, 120)
+    lazy = media.FramesOnDemand(astronaut_10s, 120)
+    assert len(lazy) == 120 and lazy.shape == eager.shape
+    assert lazy.counters["decoded"] <= 1 + 8  # frame 0 (and what the decoder threads read ahead)
+    assert np.array_equal(lazy[4], eager[4])
+    assert lazy.counters["decoded"] <= 5 + 8
+    assert np.array_equal(lazy[np.int64(30), 10:50, 20:90], eager[30, 10:50, 20:90])
+    assert np.array_equal(lazy[[3, 60, 2]], eager[[3, 60, 2]])
+    assert lazy.counters["decoded"] <= 61 + 8
+    assert all(np.array_equal(a, b) for a, b in zip(lazy, eager))
+    assert lazy.counters["decoded"] <= 120 + 8 and lazy.counters["seconds"] > 0
+    with pytest.raises(IndexError):
+        lazy[120]
+    halved = media.FramesOnDemand(astronaut_10s, 10, transform=lambda frame: frame[::2, ::2])
+    assert halved.shape == (10, 180, 320, 3) and np.array_equal(halved[9], eager[9][::2, ::2])
+    with pytest.raises(ValueError):  # a clip whose end is used is decoded whole (its truncation check)
+        media.FramesOnDemand(astronaut_10s, 250)
+
+
 def test_decoding_from_a_start_frame_seeks_and_stays_on_the_timeline(astronaut_10s):
     stats = {}
     frames = media.decode_frames(astronaut_10s, 5, start=200, stats=stats)

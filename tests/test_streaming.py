@@ -116,6 +116,33 @@ def test_the_pipeline_streams_the_answer_and_writes_the_same_file_once_at_the_en
 
 
 @pytest.mark.slow
+def test_a_streams_first_fragment_leaves_before_the_rest_of_the_source_is_decoded(streaming_pipeline, monkeypatch):
+    """The answer uses fewer frames than the clip has: its source frames are decoded as the frame
+    loop takes them, so when the first fragment is handed out only about its frames are decoded."""
+    pipeline, root = streaming_pipeline
+    made = []
+
+    class Recorded(media.FramesOnDemand):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(media, "FramesOnDemand", Recorded)
+    decoded_at_first_fragment = []
+
+    def on_piece(piece: bytes) -> None:
+        if b"moof" in piece and not decoded_at_first_fragment:
+            decoded_at_first_fragment.append(made[-1].counters["decoded"])
+
+    request = LipVideoRequest(word="Decode as you go.", user_video_gs="src.mp4", output_video_gs="out/lazy.mp4")
+    response = pipeline.run(request, on_piece=on_piece)
+    n_out = round(response.duration_s * FPS)
+    assert len(made) == 1 and len(made[0]) == n_out < 3.0 * FPS  # the answer is shorter than the clip
+    assert decoded_at_first_fragment[0] <= FIRST_FRAGMENT_FRAMES + 1 + 8 < n_out  # + the decoder's read-ahead
+    assert made[0].counters["decoded"] >= n_out
+
+
+@pytest.mark.slow
 def test_a_stream_that_fails_after_its_first_piece_raises_and_writes_nothing(streaming_pipeline, monkeypatch):
     pipeline, root = streaming_pipeline
     syncer = pipeline.stages.lipsync

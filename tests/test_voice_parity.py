@@ -10,7 +10,6 @@ import io
 import av
 import librosa
 import numpy as np
-import pytest
 
 from devtools import testmedia
 from lipserve import media

@@ -23,7 +23,6 @@ Usage (see benchmarks/gpu/README.md):  benchmarks/gpu/run.sh [--device cuda|cpu]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform

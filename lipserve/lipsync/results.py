@@ -31,11 +31,15 @@ class Rendering:
     """The output frames of one answer, before encoding (`frames` is a one-shot iterator)."""
 
     frames: Iterator[np.ndarray]    # RGB uint8, in output order; produced lazily, one model batch at a time
-    source: np.ndarray              # the decoded (and downscaled) source frames the answer uses
+    source: np.ndarray              # the decoded (and downscaled) source frames the answer uses (or FramesOnDemand)
     source_of: np.ndarray           # [n_out] source frame index of each output frame
     passed_through: np.ndarray      # [n_out] bool: this output frame is source[source_of[i]] untouched
     info: VideoInfo
     plan: FacePlan
     detected_frames: int
     cache_hit: bool
-    decoded_frames: int
+    decoded: dict                   # the decoder's counters ("decoded" frames; "seconds" of on-demand decoding)
+
+    @property
+    def decoded_frames(self) -> int:
+        return int(self.decoded.get("decoded", 0))

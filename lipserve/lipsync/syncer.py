@@ -254,11 +254,18 @@ class LipSyncer(OnRuntime):
 
         t = time.perf_counter()
         stats: dict = {}
-        frames = media.decode_frames(source.data, count=n_src, stats=stats)
-        if len(frames) == 0:
-            raise InvalidMedia("the video stream holds no decodable frame")
-        n_src = len(frames)
-        frames = downscale(frames, options.resize_factor)
+        if n_src < info.n_frames:
+            # the answer ends before the clip does: frames are decoded as the answer takes them, so
+            # its first frames are out before the rest are decoded
+            frames = media.FramesOnDemand(source.data, n_src,
+                                          lambda frame: downscale(frame[None], options.resize_factor)[0])
+            stats = frames.counters
+        else:
+            frames = media.decode_frames(source.data, count=n_src, stats=stats)
+            if len(frames) == 0:
+                raise InvalidMedia("the video stream holds no decodable frame")
+            n_src = len(frames)
+            frames = downscale(frames, options.resize_factor)
         timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t
 
         plan = self.planner.settle(lookup, n_src, frames_from(frames, options.resize_factor), timings)
@@ -278,7 +285,7 @@ class LipSyncer(OnRuntime):
             frames=self._synced_frames(frames, crop_boxes, face_boxes, present, source_of, mel, starts, timings,
                                        first_batch),
             source=frames, source_of=source_of, passed_through=~present[source_of], info=info, plan=plan,
-            detected_frames=detected, cache_hit=plan.cached, decoded_frames=int(stats.get("decoded", n_src)),
+            detected_frames=detected, cache_hit=plan.cached, decoded=stats,
         )
         return rendering, mel
 
@@ -327,6 +334,11 @@ class LipSyncer(OnRuntime):
             if not streamed:
                 mp4 = piece
             yield piece
+        # frames decoded on demand were decoded where the frame loop first took them, mostly inside
+        # its crop-and-paste step: their time is decode time
+        on_demand = rendering.decoded.get("seconds", 0.0)
+        timings["decode"] += on_demand
+        timings["paste"] = max(0.0, timings["paste"] - on_demand)
         n_out = len(rendering.source_of)
         passed = int(rendering.passed_through.sum())
         log.info("lip sync: %d output frames from %d decoded source frames (%s, %s, %d detections, %d passed "

@@ -15,12 +15,12 @@ and audio; encode: encode_mp4 and its parts.
 from .colour import (MATRIX_BT470BG, MATRIX_BT709, MATRIX_RGB, MATRIX_SMPTE170M, MATRIX_UNSPECIFIED, PRIMARIES_BT709,
                      PRIMARIES_UNSPECIFIED, RANGE_PC, RANGE_TV, RANGE_UNSPECIFIED, TRANSFER_BT709, TRANSFER_UNSPECIFIED,
                      Colour, is_hd)
-from .decode import decode_audio_bytes, decode_frames, read_audio
+from .decode import FramesOnDemand, decode_audio_bytes, decode_frames, read_audio
 from .encode import AUDIO_BIT_RATE, AUDIO_PEAK_LIMIT, IndexFirstMp4, Mp4Tracks, encode_mp4, with_headroom
 from .probe import SourceVideo, VideoInfo, as_source, frames_needed, probe
 
 __all__ = [
-    "AUDIO_BIT_RATE", "AUDIO_PEAK_LIMIT", "Colour", "IndexFirstMp4", "MATRIX_BT470BG", "MATRIX_BT709", "MATRIX_RGB",
+    "AUDIO_BIT_RATE", "AUDIO_PEAK_LIMIT", "Colour", "FramesOnDemand", "IndexFirstMp4", "MATRIX_BT470BG", "MATRIX_BT709", "MATRIX_RGB",
     "MATRIX_SMPTE170M", "MATRIX_UNSPECIFIED", "Mp4Tracks", "PRIMARIES_BT709", "PRIMARIES_UNSPECIFIED", "RANGE_PC",
     "RANGE_TV", "RANGE_UNSPECIFIED", "SourceVideo", "TRANSFER_BT709", "TRANSFER_UNSPECIFIED", "VideoInfo", "as_source",
     "decode_audio_bytes",

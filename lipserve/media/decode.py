@@ -4,6 +4,8 @@ timeline by timestamp, so frame i always shows time i / fps); audio as mono floa
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from typing import Iterator
 
 import av
@@ -18,6 +20,20 @@ from .source import (TRUNCATION_SLACK_FRAMES, check_sample_data, decode_errors, 
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def _timeline_of(data: bytes, count: int | None, start: int):
+    """The opened clip for frames [start, start+count): (container, stream, fps, n_frames, stop)."""
+    if start < 0 or (count is not None and count < 0):
+        raise ValueError("start and count must be >= 0")
+    container = open_input(data)
+    with container, decode_errors():
+        stream = video_stream(container)
+        fps, _, n_frames = timeline(stream, data)
+        check_sample_data(container, len(data))
+        stream.codec_context.thread_type = "AUTO"
+        yield container, stream, fps, n_frames, n_frames if count is None else min(n_frames, start + count)
+
+
 def decode_frames(
     data: bytes, count: int | None = None, *, start: int = 0, stats: dict | None = None
 ) -> np.ndarray:
@@ -28,15 +44,7 @@ def decode_frames(
     clip is shorter than start+count. `stats['decoded']` counts frames the decoder
     produced, `stats['packets']` packets read.
     """
-    if start < 0 or (count is not None and count < 0):
-        raise ValueError("start and count must be >= 0")
-    container = open_input(data)
-    with container, decode_errors():
-        stream = video_stream(container)
-        fps, _, n_frames = timeline(stream, data)
-        check_sample_data(container, len(data))
-        stop = n_frames if count is None else min(n_frames, start + count)
-        stream.codec_context.thread_type = "AUTO"
+    with _timeline_of(data, count, start) as (container, stream, fps, n_frames, stop):
         counters = {"decoded": 0, "packets": 0}
         # Filled in place as frames arrive: a list then np.stack would hold every frame twice.
         out, filled = None, 0
@@ -51,6 +59,79 @@ def decode_frames(
         if out is None:
             return np.zeros((0, 0, 0, 3), np.uint8)
         return out[:filled]
+
+
+class FramesOnDemand:
+    """The first `count` frames of a clip (fewer than it has), decoded in order as they are first
+    asked for and kept: indexed like decode_frames' array (`frames[i]`, `frames[i, y1:y2, x1:x2]`,
+    `frames[[i, j]]`), with `transform` applied to each frame as it is decoded.
+
+    So the first frames of an answer are out before the rest are decoded (a streamed answer's
+    first fragment waits for 5 frames, not for every one). Only for a clip that holds more than
+    `count` frames: one whose end is used is checked for truncation, which needs the end, so
+    decode_frames decodes it whole up front."""
+
+    def __init__(self, data: bytes, count: int, transform=None):
+        self.counters = {"decoded": 0, "packets": 0}
+        self._count = count
+        self._transform = transform or (lambda frame: frame)
+        self._frames: np.ndarray | None = None  # [count, H, W, 3], allocated at the first frame, filled in order
+        self._filled = 0
+        self._timeline = _timeline_of(data, count, 0)
+        container, stream, fps, n_frames, stop = self._timeline.__enter__()
+        if stop >= n_frames:
+            self.close()
+            raise ValueError(f"FramesOnDemand takes fewer frames than the clip's {n_frames}, not {count}")
+        self._source = _timeline_frames(container, stream, fps, n_frames, 0, stop, self.counters)
+        self._upto(0)  # what cannot be decoded at all is an error here, before any answer is made
+        self.counters["seconds"] = 0.0  # decoding (and transforming) after this first frame
+
+    def _upto(self, index: int) -> None:
+        if index >= self._count or index < 0:
+            raise IndexError(f"frame {index} of {self._count}")
+        started = time.perf_counter()
+        while self._filled <= index:
+            with decode_errors():
+                frame = next(self._source, None)
+            if frame is None:  # _timeline_frames gives every slot before the clip's end; never here
+                raise InvalidMedia(f"the video stream ended at frame {self._filled} of {self._count}")
+            frame = self._transform(frame)
+            if self._frames is None:
+                # one array, as decode_frames fills: its pages are touched only as frames land in it
+                self._frames = np.empty((self._count, *frame.shape), np.uint8)
+            self._frames[self._filled] = frame
+            self._filled += 1
+        if "seconds" in self.counters:
+            self.counters["seconds"] += time.perf_counter() - started
+        if self._filled == self._count:
+            self.close()
+
+    def close(self) -> None:
+        """Close the clip (every frame decoded, or the answer ended early)."""
+        if self._timeline is not None:
+            timeline_of, self._timeline = self._timeline, None
+            timeline_of.__exit__(None, None, None)
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._count, *self._frames[0].shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self[index[0]][index[1:]]
+        if isinstance(index, (int, np.integer)):
+            self._upto(int(index))
+            return self._frames[int(index)]
+        indices = [int(i) for i in index]
+        for i in indices:
+            self._upto(i)
+        return self._frames[indices]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self._count))
 
 
 def _timeline_frames(container, stream, fps, n_frames, start, stop, counters) -> Iterator[np.ndarray]:
