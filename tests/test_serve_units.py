@@ -547,27 +547,26 @@ def test_a_request_waits_for_a_replacement_that_is_coming_and_is_refused_when_it
                              clock=lambda: now[0])
     coming, running, lost = StageReplicas(0, True), StageReplicas(1), StageReplicas(0)
 
+    async def refusal(answer: StageReplicas, wait_s: float) -> tuple[StageUnavailable, float]:
+        """The refusal a request gets while LipSyncer's answer is `answer`, and the clock it took."""
+        script[:] = [answer]
+        await seen.refresh()
+        started = now[0]
+        with pytest.raises(StageUnavailable) as refused:
+            await seen.check(wait_s=wait_s)
+        assert refused.value.stage == "LipSyncer"
+        return refused.value, now[0] - started
+
     async def scenario():
         script[:] = [coming, coming, coming, coming, running]
         await seen.refresh()
         await seen.check(wait_s=30)  # waited while it started, through once it runs
         assert seen.missing() == [] and script == [running]
-        script[:] = [coming]
-        await seen.refresh()
-        started = now[0]
-        with pytest.raises(StageUnavailable) as refused:
-            await seen.check(wait_s=5)
-        assert refused.value.stage == "LipSyncer" and "replacement_wait_s" in str(refused.value)
-        assert 5 <= now[0] - started <= 8
+        refused, took = await refusal(coming, wait_s=5)
+        assert "replacement_wait_s" in str(refused) and 5 <= took <= 8
         await seen.check(wait_s=0)  # a job: let through to Serve's queue
-        script[:] = [lost]
-        await seen.refresh()
-        started = now[0]
-        with pytest.raises(StageUnavailable) as refused:
-            await seen.check(wait_s=30)
-        assert refused.value.stage == "LipSyncer" and "no live node" in str(refused.value)
-        assert now[0] - started <= 2  # at once: the one ask for this request
-        with pytest.raises(StageUnavailable):
-            await seen.check(wait_s=0)
+        refused, took = await refusal(lost, wait_s=30)
+        assert "no live node" in str(refused) and took <= 2  # at once: the one ask for this request
+        await refusal(lost, wait_s=0)
 
     asyncio.run(scenario())
